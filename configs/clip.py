@@ -1,0 +1,100 @@
+"""CLIP stage configs: `tiny` (learns shapes on 2 CPU cores in minutes), `base`, `paper` (ViT-H/16 at 256 px).
+
+Use: `python -m dalle2_jax.train --config configs/clip.py:tiny --workdir DIR [--config.total_steps=200]`.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from dalle2_jax.models.clip import CLIP_MEAN, CLIP_STD
+from dalle2_jax.training.config import base_config
+
+
+def _tower(width: int, depth: int, heads: int, mlp_ratio: float = 4.0, act: str = "gelu"):
+    return ml_collections.ConfigDict(dict(width=width, depth=depth, heads=heads, mlp_ratio=mlp_ratio, act=act))
+
+
+def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
+    """The CLIP config variant `arg` (tiny | base | paper)."""
+    c = base_config()
+    c.stage = "clip"
+    m = c.model = ml_collections.ConfigDict()
+    m.embed_dim = 128
+    m.dtype = "float32"  # compute dtype; params stay float32
+    m.ln_eps = 1e-5
+    m.remat = "none"
+    m.scan_layers = False
+    m.init_logit_scale = 2.6592600369644165  # log(1 / 0.07)
+    m.max_logit_scale = 4.605170185988092  # log(100)
+    m.identical_captions_positive = True  # identical captions in a batch count as matches
+    m.text = _tower(128, 2, 4)
+    m.text.context_length = 24
+    m.text.vocab_size = 512
+    m.vision = _tower(128, 2, 4)
+    m.vision.image_size = 64
+    m.vision.stem = "conv"
+    m.vision.patch_size = 8
+    m.vision.conv_channels = (32, 64, 128, 128)
+    m.vision.mean = CLIP_MEAN
+    m.vision.std = CLIP_STD
+
+    c.batch_size = 128
+    c.optimizer.learning_rate = 2e-3
+    c.optimizer.b2 = 0.98
+    c.optimizer.eps = 1e-6
+    c.optimizer.weight_decay = 0.05
+    c.optimizer.warmup_steps = 100
+    c.optimizer.final_lr_fraction = 0.05
+    c.optimizer.ema_decay = 0.999
+
+    if arg == "tiny":
+        # A conv stem learns shape far faster than 8x8 patches at this size (see STACK_NOTES.md).
+        c.total_steps = 2500
+        c.log_every = 50
+        c.eval_every = 500
+        c.checkpoint_every = 500
+    elif arg == "base":
+        c.model.embed_dim = 512
+        c.model.text = _tower(512, 8, 8)
+        c.model.text.context_length = 32
+        c.model.text.vocab_size = 4096
+        c.model.vision = _tower(512, 8, 8)
+        c.model.vision.update(dict(image_size=64, stem="patch", patch_size=4, conv_channels=(),
+                                   mean=CLIP_MEAN, std=CLIP_STD))
+        c.batch_size = 1024
+        c.total_steps = 50_000
+        c.optimizer.learning_rate = 5e-4
+        c.optimizer.warmup_steps = 2000
+        c.optimizer.weight_decay = 0.2
+        c.log_every = 100
+        c.eval_every = 5000
+        c.checkpoint_every = 2000
+        c.model.dtype = "bfloat16"
+    elif arg == "paper":
+        # DALL-E 2's CLIP: ViT-H/16 image encoder at 256 px (width 1280, 32 blocks) and a 24-block,
+        # width-1024 causal text transformer, 1024-d joint embedding.
+        c.model.embed_dim = 1024
+        c.model.text = _tower(1024, 24, 16)
+        c.model.text.context_length = 77
+        c.model.text.vocab_size = 49408
+        c.model.vision = _tower(1280, 32, 16)
+        c.model.vision.update(dict(image_size=256, stem="patch", patch_size=16, conv_channels=(),
+                                   mean=CLIP_MEAN, std=CLIP_STD))
+        c.model.dtype = "bfloat16"
+        c.model.remat = "full"
+        c.model.scan_layers = True
+        c.data.resolution = 256
+        c.data.image_key = "image"
+        c.data.name = ""  # set to your prepared image-text TFDS data set
+        c.batch_size = 32768
+        c.total_steps = 400_000
+        c.optimizer.learning_rate = 5e-4
+        c.optimizer.warmup_steps = 2000
+        c.optimizer.weight_decay = 0.2
+        c.log_every = 100
+        c.eval_every = 10_000
+        c.checkpoint_every = 1000
+    else:
+        raise ValueError(f"unknown clip config {arg!r}; use tiny, base or paper")
+    return c

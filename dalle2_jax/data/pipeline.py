@@ -1,0 +1,185 @@
+"""grain input pipelines over TFDS array_record data sets (no TensorFlow).
+
+A pipeline reads one split of any prepared TFDS data set with an image and a text feature
+(`config.data.name`, `image_key`, `text_key`), takes this JAX process's disjoint share of the records,
+shuffles with the run seed, decodes and resizes + center-crops the images (kept uint8; normalised on
+device), tokenizes the captions, and batches to the per-process batch. `partitioning.global_batch` then
+lays each batch out over the mesh.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from typing import Any, Callable, Sequence
+
+import grain
+import numpy as np
+from PIL import Image
+
+DEFAULT_DATA_DIR = os.path.join("~", "tensorflow_datasets")
+
+
+def resolve_data_dir(data_cfg) -> str:
+    """config.data.data_dir, or $TFDS_DATA_DIR, or ~/tensorflow_datasets; user-expanded."""
+    path = data_cfg.data_dir or os.environ.get("TFDS_DATA_DIR", "") or DEFAULT_DATA_DIR
+    return os.path.expanduser(path)
+
+
+def prepare_dataset(data_cfg) -> None:
+    """Builds the built-in captioned_shapes set into the data dir if it is not there yet.
+
+    Other data sets must already be prepared (for a folder of images: `python -m
+    dalle2_jax.tools.build_folder`); they are only checked for existence when opened.
+    """
+    if data_cfg.name != "captioned_shapes":
+        return
+    from dalle2_jax.data.captioned_shapes import prepare_captioned_shapes
+
+    prepare_captioned_shapes(resolve_data_dir(data_cfg), config_name=data_cfg.builder_config,
+                             num_train=data_cfg.num_train or None, num_test=data_cfg.num_test or None)
+
+
+def open_source(data_cfg, split: str, skip_decoding: Sequence[str] = ()):
+    """A random-access TFDS data source for `split`; features in `skip_decoding` come back as bytes.
+
+    The built-in set is opened through its builder (custom sizes have their own config names); any
+    other name goes through `tfds.data_source` and must be prepared as array_record in the data dir.
+    """
+    import tensorflow_datasets as tfds
+
+    decoders = {k: tfds.decode.SkipDecoding() for k in skip_decoding} or None
+    data_dir = resolve_data_dir(data_cfg)
+    try:
+        if data_cfg.name == "captioned_shapes":
+            from dalle2_jax.data.captioned_shapes import make_builder
+
+            builder = make_builder(data_dir, data_cfg.builder_config, data_cfg.num_train or None,
+                                   data_cfg.num_test or None)
+            return builder.as_data_source(split, decoders=decoders)
+        return tfds.data_source(data_cfg.name, split=split, data_dir=data_dir, download=False, decoders=decoders)
+    except Exception as e:  # TFDS raises several types for a missing/unprepared data set
+        raise FileNotFoundError(
+            f"config.data.name={data_cfg.name!r}: cannot open split {split!r} in data dir {data_dir!r} "
+            f"({type(e).__name__}: {e}). Prepare the data set there (array_record format) or set "
+            "config.data.data_dir.") from e
+
+
+def decode_image(data: bytes | np.ndarray, resolution: int) -> np.ndarray:
+    """Encoded image bytes (or an array) -> uint8 [R, R, 3]: RGB, shortest side resized to R (bicubic,
+    antialiased), then center-cropped."""
+    if isinstance(data, np.ndarray):
+        img = Image.fromarray(data.squeeze(-1) if data.ndim == 3 and data.shape[-1] == 1 else data)
+    else:
+        img = Image.open(io.BytesIO(data))
+    img = img.convert("RGB")
+    w, h = img.size
+    if (w, h) != (resolution, resolution):
+        scale = resolution / min(w, h)
+        nw, nh = max(resolution, round(w * scale)), max(resolution, round(h * scale))
+        img = img.resize((nw, nh), Image.BICUBIC, reducing_gap=None)
+        left, top = (nw - resolution) // 2, (nh - resolution) // 2
+        img = img.crop((left, top, left + resolution, top + resolution))
+    return np.asarray(img, dtype=np.uint8)
+
+
+def _as_text(value: Any) -> str:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace")
+    if isinstance(value, np.ndarray):
+        return _as_text(value.item())
+    return str(value)
+
+
+class DecodeExample(grain.transforms.Map):
+    """TFDS record -> {'image': uint8 [R, R, 3], 'caption': str} (plus extra keys if asked)."""
+
+    def __init__(self, image_key: str, text_key: str, resolution: int):
+        self.image_key, self.text_key, self.resolution = image_key, text_key, resolution
+
+    def map(self, record: dict) -> dict:
+        return {"image": decode_image(record[self.image_key], self.resolution),
+                "caption": _as_text(record[self.text_key])}
+
+
+class TokenizeBatch(grain.transforms.Map):
+    """Batched {'image', 'caption'} -> {'image': uint8 [b, R, R, 3], 'tokens': int32 [b, L]}.
+
+    The tokenizer is loaded lazily from its directory, so the transform pickles cheaply into workers.
+    """
+
+    def __init__(self, tokenizer_dir: str):
+        self.tokenizer_dir = tokenizer_dir
+        self._tok = None
+
+    def __getstate__(self):
+        return {"tokenizer_dir": self.tokenizer_dir, "_tok": None}
+
+    def map(self, batch: dict) -> dict:
+        if self._tok is None:
+            from dalle2_jax.text import load_tokenizer
+
+            self._tok = load_tokenizer(self.tokenizer_dir)
+        return {"image": batch["image"], "tokens": self._tok.encode_batch(list(batch["caption"]))}
+
+
+def _stack(examples: Sequence[dict]) -> dict:
+    return {"image": np.stack([e["image"] for e in examples]), "caption": [e["caption"] for e in examples]}
+
+
+def image_text_pipeline(data_cfg, split: str, *, tokenizer_dir: str, local_batch_size: int, seed: int,
+                        process_index: int = 0, process_count: int = 1, shuffle: bool = True,
+                        num_epochs: int | None = None, num_workers: int | None = None,
+                        extra_batch_map: Callable | None = None) -> grain.IterDataset:
+    """The training pipeline for image-text stages: an endless (or `num_epochs`) iterable of batches
+    {'image': uint8 [b, R, R, 3], 'tokens': int32 [b, L]} with b = local_batch_size.
+
+    Records are split between JAX processes by striding (process p reads records p, p + P, ...), so the
+    shards are disjoint; the order is a function of `seed` only, and the iterator state can be saved
+    with grain.checkpoint.
+    """
+    source = open_source(data_cfg, split, skip_decoding=(data_cfg.image_key,))
+    ds = grain.MapDataset.source(source)
+    if process_count > 1:
+        ds = ds[process_index::process_count]
+    if shuffle:
+        ds = ds.seed(seed).shuffle()
+    ds = ds.repeat(num_epochs)
+    ds = ds.map(DecodeExample(data_cfg.image_key, data_cfg.text_key, data_cfg.resolution))
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=int(data_cfg.read_threads), prefetch_buffer_size=64))
+    it = it.batch(local_batch_size, drop_remainder=True, batch_fn=_stack)
+    it = it.map(TokenizeBatch(tokenizer_dir))
+    if extra_batch_map is not None:
+        it = it.map(extra_batch_map)
+    workers = int(data_cfg.num_workers) if num_workers is None else num_workers
+    if workers > 0:
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+    return it
+
+
+def read_split(data_cfg, split: str, keys: Sequence[str], max_examples: int = 0,
+               decode: Callable[[dict], dict] | None = None) -> list[dict]:
+    """Reads (the first `max_examples` of) a split into memory as a list of records restricted to `keys`,
+    with the image key decoded at the configured resolution. For evaluation sets."""
+    source = open_source(data_cfg, split, skip_decoding=(data_cfg.image_key,))
+    n = len(source) if not max_examples else min(max_examples, len(source))
+    out = []
+    for start in range(0, n, 256):
+        for rec in source.__getitems__(list(range(start, min(n, start + 256)))):
+            item = {k: rec[k] for k in keys}
+            if data_cfg.image_key in item:
+                item[data_cfg.image_key] = decode_image(item[data_cfg.image_key], data_cfg.resolution)
+            if data_cfg.text_key in item:
+                item[data_cfg.text_key] = _as_text(item[data_cfg.text_key])
+            out.append(decode(item) if decode else item)
+    return out
+
+
+def all_captions(data_cfg, split: str, max_examples: int = 0) -> list[str]:
+    """The captions of a split (for training a tokenizer)."""
+    source = open_source(data_cfg, split, skip_decoding=(data_cfg.image_key,))
+    n = len(source) if not max_examples else min(max_examples, len(source))
+    out: list[str] = []
+    for start in range(0, n, 1024):
+        out += [_as_text(r[data_cfg.text_key]) for r in source.__getitems__(list(range(start, min(n, start + 1024))))]
+    return out

@@ -1,0 +1,73 @@
+"""Evaluate a workdir's newest checkpoint: `python -m dalle2_jax.evaluate --workdir DIR`.
+
+Prints the metrics as one JSON object on the last line of stdout, and writes them to
+`DIR/reports/eval_<step>.json` and TensorBoard.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from absl import app, flags
+
+from dalle2_jax.cli_util import exit_on_errors, setup_logging
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "A training workdir.")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default: the newest).")
+_RAW = flags.DEFINE_bool("raw_params", False, "Evaluate the raw params instead of the EMA params.")
+_MAX = flags.DEFINE_integer("max_examples", None, "Evaluate at most this many examples (default: config).")
+flags.mark_flags_as_required(["workdir"])
+
+
+def evaluate_workdir(workdir: str, step: int | None = None, raw_params: bool = False,
+                     max_examples: int | None = None) -> dict:
+    """Evaluates a workdir's checkpoint with its stage's evaluation; returns the metrics dict."""
+    import jax
+
+    from dalle2_jax.data import pipeline
+    from dalle2_jax.stages import get_stage_class
+    from dalle2_jax.training import checkpoint as ckpt
+    from dalle2_jax.training.metrics import MetricWriter
+    from dalle2_jax.training.partitioning import make_mesh
+    from dalle2_jax.training.trainer import evaluate_and_report
+
+    workdir = os.path.abspath(workdir)
+    config = ckpt.read_config(workdir)
+    config.mesh.update(dict(data=-1, fsdp=1, tensor=1))  # evaluation shards the batch over every device
+    if max_examples is not None:
+        config.eval.max_examples = max_examples
+    stage = get_stage_class(config.stage)(config, workdir)
+    stage.setup_model()
+    pipeline.prepare_dataset(config.data)
+    mesh = make_mesh(config)
+    _, params, info = ckpt.load_params(workdir, mesh, prefer_ema=not raw_params, step=step)
+
+    class _Run:  # what evaluate_and_report needs
+        pass
+
+    run = _Run()
+    run.stage, run.mesh, run.workdir = stage, mesh, workdir
+    writer = MetricWriter(os.path.join(workdir, "tensorboard")) if jax.process_index() == 0 else None
+    result = evaluate_and_report(run, params, info["step"], info["params"], writer)
+    if writer is not None:
+        writer.close()
+    return result
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    setup_logging()
+    with exit_on_errors():
+        result = evaluate_workdir(_WORKDIR.value, _STEP.value, _RAW.value, _MAX.value)
+    print(json.dumps(result, sort_keys=True), flush=True)
+
+
+def run() -> None:
+    app.run(main, argv=sys.argv)
+
+
+if __name__ == "__main__":
+    run()

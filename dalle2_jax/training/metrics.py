@@ -1,0 +1,55 @@
+"""TensorBoard scalars (tensorboardX) and the one-line progress report on stdout."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+
+
+class MetricWriter:
+    """Writes scalars and images to TensorBoard event files in `logdir`."""
+
+    def __init__(self, logdir: str):
+        from tensorboardX import SummaryWriter
+
+        os.makedirs(logdir, exist_ok=True)
+        self._w = SummaryWriter(logdir)
+
+    def scalars(self, step: int, values: dict) -> None:
+        for k, v in values.items():
+            if isinstance(v, (int, float, np.floating, np.integer)) and math.isfinite(float(v)):
+                self._w.add_scalar(k, float(v), global_step=int(step))
+        self._w.flush()
+
+    def image(self, step: int, tag: str, image: np.ndarray) -> None:
+        """image: uint8 [H, W, 3]."""
+        self._w.add_image(tag, image, global_step=int(step), dataformats="HWC")
+        self._w.flush()
+
+    def close(self) -> None:
+        self._w.close()
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+def format_progress(step: int, total: int, metrics: dict, steps_per_sec: float) -> str:
+    """'step 200/3000 | loss 1.2345 | i2t_acc 0.512 | ... | 3.02 steps/s | ETA 15m27s'."""
+    parts = [f"step {step}/{total}"]
+    if "loss" in metrics:
+        parts.append(f"loss {metrics['loss']:.4f}")
+    for k in sorted(metrics):
+        if k not in ("loss", "lr"):
+            parts.append(f"{k} {metrics[k]:.4g}")
+    if "lr" in metrics:
+        parts.append(f"lr {metrics['lr']:.3g}")
+    if steps_per_sec > 0:
+        parts.append(f"{steps_per_sec:.2f} steps/s")
+        parts.append(f"ETA {_duration((total - step) / steps_per_sec)}")
+    return " | ".join(parts)

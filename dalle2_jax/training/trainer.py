@@ -1,0 +1,264 @@
+"""The generic training loop, shared by every stage.
+
+`train(config, workdir)` validates the config, builds the mesh, creates the train state already sharded
+under jit (or restores the newest checkpoint of the workdir, with the data iterator where it stopped),
+runs the jitted step with the state donated, logs to stdout and TensorBoard (metrics fetched one logged
+step behind, so the device never waits for the host), checkpoints with orbax and evaluates periodically.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+
+from dalle2_jax.stages import get_stage_class
+from dalle2_jax.training import checkpoint as ckpt
+from dalle2_jax.training.config import ConfigError, config_to_json, validate_config
+from dalle2_jax.training.metrics import MetricWriter, format_progress
+from dalle2_jax.training.partitioning import (LOGICAL_RULES, batch_sharding, global_batch, logical_shardings,
+                                              make_mesh, replicated, strip_boxes)
+from dalle2_jax.training.state import init_train_state, make_optimizer, make_train_step
+
+log = logging.getLogger("dalle2_jax")
+
+
+class Run:
+    """A stage, its mesh, and its sharded train state and step, ready to train or evaluate."""
+
+    def __init__(self, config, workdir: str, prepare: bool = True, devices: list | None = None):
+        self.config = config
+        self.workdir = os.path.abspath(workdir)
+        self.stage = get_stage_class(config.stage)(config, self.workdir)
+        self.mesh = make_mesh(config, devices)
+        if prepare:
+            self.stage.prepare()
+        else:
+            self.stage.setup_model()
+        self.tx = make_optimizer(config)
+        use_ema = config.optimizer.ema_decay > 0
+
+        def init_fn(rng):
+            return init_train_state(self.stage.init_params(rng), self.tx, use_ema)
+
+        self.init_rng, self.step_rng = jax.random.split(jax.random.key(config.seed))
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(LOGICAL_RULES):
+            boxed = jax.eval_shape(init_fn, self.init_rng)
+            self.state_shardings = logical_shardings(boxed, self.mesh)
+        self._init_fn = init_fn
+        self.abstract_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                           strip_boxes(boxed), self.state_shardings)
+
+    def init_state(self):
+        """A fresh state, created directly in its sharded layout (never whole on one device)."""
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(LOGICAL_RULES):
+            return jax.jit(lambda k: nn.meta.unbox(self._init_fn(k)), out_shardings=self.state_shardings)(
+                self.init_rng)
+
+    def num_params(self) -> int:
+        return int(sum(np.prod(x.shape) for x in jax.tree.leaves(self.abstract_state.params)))
+
+    def compile_step(self, frozen: Any):
+        """The jitted train step (state donated), sharded over the mesh."""
+        step_fn = make_train_step(self.stage.loss, self.tx, self.config)
+        rep = replicated(self.mesh)
+        frozen_sh = jax.tree.map(lambda _: rep, frozen)
+
+        def batch_sh(batch):
+            return {k: batch_sharding(self.mesh, v.ndim) for k, v in batch.items()}
+
+        def wrapped(state, batch, frozen_, key):
+            with nn.logical_axis_rules(LOGICAL_RULES):
+                return step_fn(state, batch, frozen_, key)
+
+        self._jitted = {}
+
+        def run_step(state, batch):
+            sig = tuple(sorted((k, v.shape) for k, v in batch.items()))
+            if sig not in self._jitted:
+                self._jitted[sig] = jax.jit(wrapped, in_shardings=(self.state_shardings, batch_sh(batch), frozen_sh,
+                                                                   rep),
+                                            out_shardings=(self.state_shardings, rep), donate_argnums=(0,))
+            with jax.set_mesh(self.mesh):
+                return self._jitted[sig](state, batch, frozen, self.step_rng)
+
+        return run_step
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _write_config(config, workdir: str) -> None:
+    """Writes config.json; on resume, logs the run keys that changed and refuses a changed stage/model."""
+    path = os.path.join(workdir, "config.json")
+    if os.path.exists(path):
+        old = _flatten(json.loads(config_to_json(ckpt.read_config(workdir))))
+        new = _flatten(json.loads(config_to_json(config)))
+        changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        fixed = [k for k in changed if k == "stage" or k.startswith("model.")]
+        if fixed:
+            raise ConfigError(fixed[0], f"differs from the one this workdir was trained with ({path}): "
+                              f"{old.get(fixed[0])!r} -> {new.get(fixed[0])!r}; use a new workdir, or "
+                              "config.init_from to start from its params")
+        if changed:
+            log.warning("resuming with changed config keys: %s", ", ".join(changed))
+            print("resuming with changed config keys: " + ", ".join(
+                f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in changed), flush=True)
+    if jax.process_index() == 0:
+        with open(path, "w") as f:
+            f.write(config_to_json(config))
+
+
+def evaluate_and_report(run: Run, params: Any, step: int, params_kind: str, writer: MetricWriter | None) -> dict:
+    """Runs the stage's evaluation and writes reports/eval_<step>.json and TensorBoard scalars."""
+    t0 = time.time()
+    metrics = run.stage.evaluate(params, run.mesh)
+    result = {"step": int(step), "params": params_kind, **metrics}
+    result.setdefault("num_examples", 0)
+    if jax.process_index() == 0:
+        ckpt.write_json(os.path.join(run.workdir, "reports", f"eval_{step}.json"), result)
+        if writer is not None:
+            writer.scalars(step, {f"eval/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
+    log.info("evaluation at step %d took %.1fs", step, time.time() - t0)
+    return result
+
+
+def train(config, workdir: str) -> dict:
+    """Trains `config.stage` in `workdir` until config.total_steps, resuming if the workdir has a
+    checkpoint. Returns the last logged training metrics and the final evaluation (if any)."""
+    validate_config(config)
+    workdir = os.path.abspath(workdir)
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        probe = os.path.join(workdir, ".write_test")
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        raise ConfigError("workdir", f"cannot write to {workdir!r} ({e}); choose a writable directory") from e
+    _write_config(config, workdir)
+    t_start = time.time()
+    run = Run(config, workdir)
+    is_chief = jax.process_index() == 0
+    writer = MetricWriter(os.path.join(workdir, "tensorboard")) if is_chief else None
+    mngr = ckpt.make_manager(workdir, max_to_keep=int(config.keep_checkpoints))
+
+    local_bs = config.batch_size // jax.process_count()
+    data_iter = iter(run.stage.train_iterator(local_bs, jax.process_index(), jax.process_count()))
+    latest = mngr.latest_step()
+    meta = {"step": 0, "examples_seen": 0, "wall_time_s": 0.0, "stage": config.stage}
+    if latest is not None:
+        state, meta = ckpt.restore(mngr, latest, run.abstract_state, data_iter)
+        log.info("resumed from %s at step %d", ckpt.checkpoint_dir(workdir), latest)
+        print(f"resuming from step {latest} ({ckpt.checkpoint_dir(workdir)})", flush=True)
+    else:
+        state = run.init_state()
+        if config.init_from:
+            state = _init_from(run, state, config.init_from)
+    frozen = run.stage.load_frozen()
+    step_fn = run.compile_step(frozen)
+    step = int(jax.device_get(state.step))
+    total = int(config.total_steps)
+    if is_chief:
+        print(f"{config.stage}: {run.num_params():,} params, mesh {dict(run.mesh.shape)}, global batch "
+              f"{config.batch_size}, steps {step}->{total}, workdir {workdir}", flush=True)
+
+    wall_before = float(meta.get("wall_time_s", 0.0))
+    examples = int(meta.get("examples_seen", 0))
+    session_start = time.time()
+    last_log_time, last_log_step = None, step
+    pending = None
+    last_metrics: dict = {}
+    eval_result: dict | None = None
+
+    def flush_pending():
+        nonlocal pending, last_log_time, last_log_step, last_metrics
+        if pending is None:
+            return
+        p_step, p_metrics = pending
+        pending = None
+        values = {k: float(v) for k, v in jax.device_get(p_metrics).items()}
+        now = time.time()
+        rate = (p_step - last_log_step) / (now - last_log_time) if last_log_time and now > last_log_time else 0.0
+        last_log_time, last_log_step = now, p_step
+        values_tb = dict(values)
+        if rate:
+            values_tb["steps_per_sec"] = rate
+            values_tb["examples_per_sec"] = rate * config.batch_size
+        last_metrics = dict(values, step=p_step, steps_per_sec=rate)
+        if is_chief:
+            writer.scalars(p_step, {f"train/{k}": v for k, v in values_tb.items()})
+            print(format_progress(p_step, total, values, rate), flush=True)
+        if not all(math.isfinite(v) for v in values.values()):
+            log.warning("non-finite metrics at step %d: %s", p_step, values)
+
+    def current_meta():
+        return {"step": step, "examples_seen": examples, "stage": config.stage,
+                "wall_time_s": wall_before + time.time() - session_start}
+
+    while step < total:
+        batch = global_batch(next(data_iter), run.mesh)
+        state, metrics = step_fn(state, batch)
+        step += 1
+        examples += config.batch_size
+        flush_pending()  # the previous logged step's metrics: fetched after this step is dispatched
+        if last_log_time is None:
+            last_log_time, last_log_step = time.time(), step  # rates exclude the first (compiling) step
+        if step % config.log_every == 0 or step == total:
+            pending = (step, metrics)
+        if config.checkpoint_every and step % config.checkpoint_every == 0 and step < total:
+            ckpt.save(mngr, step, state, current_meta(), data_iter)
+        if config.eval_every and step % config.eval_every == 0 and step < total:
+            flush_pending()
+            eval_result = _evaluate_state(run, state, step, writer)
+    flush_pending()
+    if mngr.latest_step() != step:
+        ckpt.save(mngr, step, state, current_meta(), data_iter, force=True)
+    mngr.wait_until_finished()
+    if latest is None or latest < total:
+        eval_result = _evaluate_state(run, state, step, writer)
+    mngr.close()
+    if writer is not None:
+        writer.close()
+    if hasattr(data_iter, "close"):
+        data_iter.close()
+    log.info("training took %.1fs", time.time() - t_start)
+    return {"train": last_metrics, "eval": eval_result}
+
+
+def _evaluate_state(run: Run, state, step: int, writer) -> dict:
+    use_ema = state.ema_params is not None
+    result = evaluate_and_report(run, state.ema_params if use_ema else state.params, step,
+                                 "ema" if use_ema else "raw", writer)
+    if jax.process_index() == 0:
+        print("eval " + json.dumps(result, sort_keys=True), flush=True)
+    return result
+
+
+def _init_from(run: Run, state, source_workdir: str):
+    """Params-only start: copies another workdir's (EMA) params into a fresh state."""
+    src_config, params, info = ckpt.load_params(source_workdir, run.mesh)
+    if src_config.stage != run.config.stage:
+        raise ConfigError("init_from", f"{source_workdir!r} is a {src_config.stage!r} workdir, this run trains "
+                          f"{run.config.stage!r}")
+    want = jax.tree.map(lambda x: (x.shape, str(x.dtype)), run.abstract_state.params)
+    got = jax.tree.map(lambda x: (x.shape, str(x.dtype)), params)
+    if jax.tree.structure(want) != jax.tree.structure(got) or jax.tree.leaves(want) != jax.tree.leaves(got):
+        raise ConfigError("init_from", f"the params in {source_workdir!r} do not match this config's model")
+    params = jax.device_put(params, run.state_shardings.params)
+    ema = jax.tree.map(lambda x: x.copy(), params) if state.ema_params is not None else None
+    print(f"initialised params from {source_workdir} (step {info['step']}, {info['params']} params)", flush=True)
+    return state.replace(params=params, ema_params=ema)

@@ -1,0 +1,63 @@
+"""Shared fixtures: a small built-in data set and a tiny CLIP trained once per test session."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from absl import flags
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _absl_flags():
+    """grain and absl-based code read absl flags; mark them parsed once."""
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
+def small_config(data_dir: str, **overrides):
+    """configs/clip.py:tiny shrunk for tests: small data, batch 16, no worker processes."""
+    from configs.clip import get_config
+
+    c = get_config("tiny")
+    c.data.data_dir = data_dir
+    c.data.num_train = 256
+    c.data.num_test = 64
+    c.data.num_workers = 0
+    c.data.read_threads = 1
+    c.batch_size = 16
+    c.total_steps = 4
+    c.log_every = 2
+    c.eval_every = 0
+    c.checkpoint_every = 2
+    c.optimizer.warmup_steps = 1
+    c.eval.batch_size = 64
+    for k, v in overrides.items():
+        node = c
+        *path, last = k.split(".")
+        for p in path:
+            node = node[p]
+        node[last] = v
+    return c
+
+
+@pytest.fixture(scope="session")
+def shapes_data_dir(tmp_path_factory) -> str:
+    """A data dir holding captioned_shapes/64 with 256 train and 64 test examples."""
+    from dalle2_jax.data.captioned_shapes import prepare_captioned_shapes
+
+    d = str(tmp_path_factory.mktemp("tfds"))
+    prepare_captioned_shapes(d, "64", num_train=256, num_test=64, num_workers=0)
+    return d
+
+
+@pytest.fixture(scope="session")
+def trained_clip(tmp_path_factory, shapes_data_dir) -> str:
+    """A CLIP workdir trained for 4 steps through the trainer (checkpoints at steps 2 and 4)."""
+    from dalle2_jax.training.trainer import train
+
+    workdir = str(tmp_path_factory.mktemp("clip_workdir"))
+    train(small_config(shapes_data_dir), workdir)
+    return workdir
