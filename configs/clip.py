@@ -29,13 +29,13 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     m.max_logit_scale = 4.605170185988092  # log(100)
     m.identical_captions_positive = True  # identical captions in a batch count as matches
     m.text = _tower(128, 2, 4)
-    m.text.context_length = 24
+    m.text.context_length = 20  # the longest built-in caption is 16 words
     m.text.vocab_size = 512
     m.vision = _tower(128, 2, 4)
     m.vision.image_size = 64
     m.vision.stem = "conv"
     m.vision.patch_size = 8
-    m.vision.conv_channels = (32, 64, 128, 128)
+    m.vision.conv_channels = (16, 32, 64, 128)
     m.vision.mean = CLIP_MEAN
     m.vision.std = CLIP_STD
 
@@ -49,7 +49,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.optimizer.ema_decay = 0.999
 
     if arg == "tiny":
-        # A conv stem learns shape far faster than 8x8 patches at this size (see STACK_NOTES.md).
+        # A conv stem learns shape far faster than 8x8 patches at this size (see STACK_NOTES.md); the
+        # narrower stem (16..128 instead of 32..128) is 1.5x faster per step on 2 CPU cores and learns
+        # as fast per step. README: "Tiny CLIP on 2 CPU cores" for the figures.
         c.total_steps = 2500
         c.log_every = 50
         c.eval_every = 500

@@ -32,8 +32,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"dalle2-jax: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
         sys.exit(2)
     module = importlib.import_module(COMMANDS[name][0])
-    sys.argv = [f"dalle2-jax {name}"] + argv[2:]
-    module.run()
+    module.run([f"dalle2-jax {name}"] + argv[2:])
 
 
 if __name__ == "__main__":

@@ -5,6 +5,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
+from typing import Callable
+
+from absl import app, flags
 
 from dalle2_jax.training.config import ConfigError
 
@@ -40,3 +43,46 @@ def exit_on_errors():
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+
+
+def run_program(doc: str, define: Callable[[flags.FlagValues], None],
+                main: Callable[[flags.FlagValues], None], argv: list[str] | None = None,
+                required: tuple[str, ...] = ()) -> None:
+    """Runs an absl program whose flags live in their own FlagValues, so entry points can be called
+    in-process one after another (tests, the `dalle2-jax` console script) without flag clashes.
+
+    Bad usage (unknown or malformed flags, missing required ones, stray arguments) exits 2.
+    """
+    fv = flags.FlagValues()
+    define(fv)
+    argv = list(sys.argv if argv is None else argv)
+
+    def usage_exit(message: str) -> None:
+        print(f"{argv[0]}: error: {message}\n(run with --help for the flags)", file=sys.stderr)
+        sys.exit(2)
+
+    def parser(args: list[str]) -> list[str]:
+        if any(a in ("-h", "--help", "--helpfull") for a in args[1:]):
+            print(doc.strip() + "\n\nflags:\n" + fv.get_help())
+            sys.exit(0)
+        saved, sys.argv = sys.argv, list(args)  # ml_collections reads config overrides from sys.argv
+        try:
+            rest = fv(args)
+        except flags.Error as e:
+            usage_exit(str(e))
+        finally:
+            sys.argv = saved
+        if len(rest) > 1:
+            usage_exit(f"unexpected arguments: {rest[1:]}")
+        for name in required:
+            if fv[name].value is None:
+                usage_exit(f"--{name} is required")
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()  # grain reads absl flags
+        return rest
+
+    def body(_: list[str]) -> None:
+        setup_logging()
+        main(fv)
+
+    app.run(body, argv=argv, flags_parser=parser)

@@ -8,17 +8,18 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
-from absl import app, flags
+from absl import flags
 
-from dalle2_jax.cli_util import exit_on_errors, setup_logging
+from dalle2_jax.cli_util import exit_on_errors, run_program
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "A training workdir.")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default: the newest).")
-_RAW = flags.DEFINE_bool("raw_params", False, "Evaluate the raw params instead of the EMA params.")
-_MAX = flags.DEFINE_integer("max_examples", None, "Evaluate at most this many examples (default: config).")
-flags.mark_flags_as_required(["workdir"])
+
+def define_flags(fv: flags.FlagValues) -> None:
+    flags.DEFINE_string("workdir", None, "A training workdir.", flag_values=fv)
+    flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default: the newest).", flag_values=fv)
+    flags.DEFINE_bool("raw_params", False, "Evaluate the raw params instead of the EMA params.", flag_values=fv)
+    flags.DEFINE_integer("max_examples", None, "Evaluate at most this many examples (default: config).",
+                         flag_values=fv)
 
 
 def evaluate_workdir(workdir: str, step: int | None = None, raw_params: bool = False,
@@ -56,17 +57,14 @@ def evaluate_workdir(workdir: str, step: int | None = None, raw_params: bool = F
     return result
 
 
-def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    setup_logging()
+def main(fv: flags.FlagValues) -> None:
     with exit_on_errors():
-        result = evaluate_workdir(_WORKDIR.value, _STEP.value, _RAW.value, _MAX.value)
+        result = evaluate_workdir(fv.workdir, fv.step, fv.raw_params, fv.max_examples)
     print(json.dumps(result, sort_keys=True), flush=True)
 
 
-def run() -> None:
-    app.run(main, argv=sys.argv)
+def run(argv: list[str] | None = None) -> None:
+    run_program(__doc__, define_flags, main, argv, required=("workdir",))
 
 
 if __name__ == "__main__":

@@ -6,33 +6,30 @@ overridden: `--config.total_steps=200`.
 
 from __future__ import annotations
 
-import sys
-
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-from dalle2_jax.cli_util import exit_on_errors, setup_logging
-
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Stage config file, e.g. configs/clip.py:tiny.",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, config.json and TensorBoard events.")
-flags.mark_flags_as_required(["config", "workdir"])
+from dalle2_jax.cli_util import exit_on_errors, run_program
 
 
-def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    setup_logging()
+def define_flags(fv: flags.FlagValues) -> None:
+    config_flags.DEFINE_config_file("config", None, "Stage config file, e.g. configs/clip.py:tiny.",
+                                    flag_values=fv, lock_config=True)
+    flags.DEFINE_string("workdir", None, "Directory for checkpoints, config.json and TensorBoard events.",
+                        flag_values=fv)
+
+
+def main(fv: flags.FlagValues) -> None:
     from dalle2_jax.distributed import maybe_initialize
     from dalle2_jax.training.trainer import train
 
     maybe_initialize()
     with exit_on_errors():
-        train(_CONFIG.value, _WORKDIR.value)
+        train(fv.config, fv.workdir)
 
 
-def run() -> None:
-    app.run(main, argv=sys.argv)
+def run(argv: list[str] | None = None) -> None:
+    run_program(__doc__, define_flags, main, argv, required=("config", "workdir"))
 
 
 if __name__ == "__main__":

@@ -6,13 +6,17 @@ Prints one JSON object: `total` and one key per top-level module (tower), counte
 from __future__ import annotations
 
 import json
-import sys
 
 import numpy as np
-from absl import app
+from absl import flags
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Stage config file, e.g. configs/clip.py:paper.")
+from dalle2_jax.cli_util import run_program
+
+
+def define_flags(fv: flags.FlagValues) -> None:
+    config_flags.DEFINE_config_file("config", None, "Stage config file, e.g. configs/clip.py:paper.",
+                                    flag_values=fv)
 
 
 def count_params(config) -> dict:
@@ -33,19 +37,12 @@ def count_params(config) -> dict:
     return out
 
 
-def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if _CONFIG.value is None:
-        raise app.UsageError("--config is required")
-    from dalle2_jax.cli_util import setup_logging
-
-    setup_logging()
-    print(json.dumps(count_params(_CONFIG.value)))
+def main(fv: flags.FlagValues) -> None:
+    print(json.dumps(count_params(fv.config)))
 
 
-def run() -> None:
-    app.run(main, argv=sys.argv)
+def run(argv: list[str] | None = None) -> None:
+    run_program(__doc__, define_flags, main, argv, required=("config",))
 
 
 if __name__ == "__main__":

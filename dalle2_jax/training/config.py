@@ -98,6 +98,11 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
         raise ConfigError("optimizer.ema_decay", f"must be in [0, 1), got {opt.ema_decay}")
     if opt.grad_clip < 0:
         raise ConfigError("optimizer.grad_clip", f"must be >= 0 (0 = off), got {opt.grad_clip}")
+    if not config.data.name:
+        raise ConfigError("data.name", "is empty; name a TFDS data set prepared in config.data.data_dir "
+                          "(e.g. captioned_shapes, or image_folder_captions/<name> from tools.build_folder)")
+    if int(config.data.resolution) <= 0:
+        raise ConfigError("data.resolution", f"must be positive, got {config.data.resolution}")
     validate_mesh(config, num_devices)
     get_stage_class(config.stage).validate(config)
 

@@ -1,0 +1,57 @@
+"""Config validation: every bad value gets an error naming its key, before anything compiles."""
+
+from __future__ import annotations
+
+import pytest
+
+from configs.clip import get_config
+from dalle2_jax.training.config import ConfigError, validate_config
+
+
+def _cfg(**kw):
+    c = get_config("tiny")
+    for k, v in kw.items():
+        node = c
+        *path, last = k.split(".")
+        for p in path:
+            node = node[p]
+        node[last] = v
+    return c
+
+
+@pytest.mark.parametrize("overrides, key, hint", [
+    ({"stage": "nope"}, "stage", "known stages"),
+    ({"model.vision.stem": "patch", "model.vision.patch_size": 7}, "model.vision.patch_size", "divisible"),
+    ({"model.vision.image_size": 32}, "model.vision.image_size", "data.resolution"),
+    ({"model.text.heads": 3}, "model.text.heads", "divisible"),
+    ({"model.vision.act": "swish2"}, "model.vision.act", "unknown activation"),
+    ({"batch_size": 0}, "batch_size", "positive"),
+    ({"optimizer.warmup_steps": 5000}, "optimizer.warmup_steps", "total_steps"),
+    ({"optimizer.ema_decay": 1.5}, "optimizer.ema_decay", "[0, 1)"),
+    ({"mesh.data": 3}, "mesh", "devices"),
+    ({"mesh.fsdp": 0}, "mesh.fsdp", "positive"),
+    ({"model.remat": "some"}, "model.remat", "remat"),
+])
+def test_bad_config_names_the_key(overrides, key, hint):
+    with pytest.raises(ConfigError) as e:
+        validate_config(_cfg(**overrides), num_devices=1)
+    assert e.value.key == key
+    assert str(e.value).startswith(f"config.{key}:") and hint in str(e.value)
+
+
+def test_batch_must_divide_over_the_data_axes():
+    with pytest.raises(ConfigError, match="batch_size.*divisible"):
+        validate_config(_cfg(batch_size=100, **{"mesh.data": 8}), num_devices=8)
+    validate_config(_cfg(batch_size=128, **{"mesh.data": 2, "mesh.fsdp": 4}), num_devices=8)
+
+
+def test_every_variant_validates():
+    for name in ("tiny", "base"):
+        validate_config(get_config(name), num_devices=1)
+    with pytest.raises(ValueError, match="unknown clip config"):
+        get_config("huge")
+
+
+def test_paper_config_asks_for_a_data_set():
+    with pytest.raises(ConfigError, match="config.data.name: is empty"):
+        validate_config(get_config("paper"), num_devices=1)
