@@ -39,6 +39,8 @@ def test_overfits_a_fixed_batch(shapes_data_dir, tmp_path):
         losses.append(float(metrics["loss"]))
     assert losses[-1] < losses[0] / 8, (losses[0], losses[-1])
     assert float(metrics["i2t_acc"]) == 1.0
+    (jitted,) = run._jitted.values()
+    assert jitted._cache_size() == 1  # compiled once, never again
 
 
 SHARDED_SCRIPT = textwrap.dedent("""
@@ -95,6 +97,7 @@ def test_checkpoint_round_trip_is_exact(trained_clip, tmp_path):
     assert mngr.all_steps() == [2, 4]
     state, meta = ckpt.restore(mngr, 4, run.abstract_state, None)
     assert meta["step"] == 4 and meta["examples_seen"] == 4 * cfg.batch_size
+    assert meta["config"] == json.load(open(os.path.join(trained_clip, "config.json")))  # config saved too
     # save the restored state elsewhere and read it back: bit-identical
     other = ckpt.make_manager(str(tmp_path), async_save=True)
     ckpt.save(other, 4, state, meta, None)
@@ -134,3 +137,15 @@ def test_changed_model_is_refused_on_resume(trained_clip, shapes_data_dir):
 
     with pytest.raises(ConfigError, match="model.text.depth"):
         train(small_config(shapes_data_dir, **{"model.text.depth": 3}), trained_clip)
+
+
+def test_init_from_loads_params_only(trained_clip, shapes_data_dir, tmp_path):
+    from dalle2_jax.training import checkpoint as ckpt
+    from dalle2_jax.training.trainer import Run, _init_from
+
+    run = Run(small_config(shapes_data_dir), str(tmp_path))
+    state = _init_from(run, run.init_state(), trained_clip)
+    _, source, _ = ckpt.load_params(trained_clip)  # the EMA params
+    for a, b in zip(_leaves(state.params), _leaves(source)):
+        np.testing.assert_array_equal(a, b)
+    assert int(state.step) == 0  # optimizer state and step start fresh

@@ -81,6 +81,7 @@ class Run:
         self._jitted = {}
 
         def run_step(state, batch):
+            # one compiled function per batch signature (one in training): no recompilation per step
             sig = tuple(sorted((k, v.shape) for k, v in batch.items()))
             if sig not in self._jitted:
                 self._jitted[sig] = jax.jit(wrapped, in_shardings=(self.state_shardings, batch_sh(batch), frozen_sh,
@@ -157,84 +158,89 @@ def train(config, workdir: str) -> dict:
     mngr = ckpt.make_manager(workdir, max_to_keep=int(config.keep_checkpoints))
 
     local_bs = config.batch_size // jax.process_count()
-    data_iter = iter(run.stage.train_iterator(local_bs, jax.process_index(), jax.process_count()))
-    latest = mngr.latest_step()
-    meta = {"step": 0, "examples_seen": 0, "wall_time_s": 0.0, "stage": config.stage}
-    if latest is not None:
-        state, meta = ckpt.restore(mngr, latest, run.abstract_state, data_iter)
-        log.info("resumed from %s at step %d", ckpt.checkpoint_dir(workdir), latest)
-        print(f"resuming from step {latest} ({ckpt.checkpoint_dir(workdir)})", flush=True)
-    else:
-        state = run.init_state()
-        if config.init_from:
-            state = _init_from(run, state, config.init_from)
-    frozen = run.stage.load_frozen()
-    step_fn = run.compile_step(frozen)
-    step = int(jax.device_get(state.step))
-    total = int(config.total_steps)
-    if is_chief:
-        print(f"{config.stage}: {run.num_params():,} params, mesh {dict(run.mesh.shape)}, global batch "
-              f"{config.batch_size}, steps {step}->{total}, workdir {workdir}", flush=True)
-
-    wall_before = float(meta.get("wall_time_s", 0.0))
-    examples = int(meta.get("examples_seen", 0))
-    session_start = time.time()
-    last_log_time, last_log_step = None, step
-    pending = None
-    last_metrics: dict = {}
-    eval_result: dict | None = None
-
-    def flush_pending():
-        nonlocal pending, last_log_time, last_log_step, last_metrics
-        if pending is None:
-            return
-        p_step, p_metrics = pending
-        pending = None
-        values = {k: float(v) for k, v in jax.device_get(p_metrics).items()}
-        now = time.time()
-        rate = (p_step - last_log_step) / (now - last_log_time) if last_log_time and now > last_log_time else 0.0
-        last_log_time, last_log_step = now, p_step
-        values_tb = dict(values)
-        if rate:
-            values_tb["steps_per_sec"] = rate
-            values_tb["examples_per_sec"] = rate * config.batch_size
-        last_metrics = dict(values, step=p_step, steps_per_sec=rate)
+    data_iter = None
+    try:
+        data_iter = iter(run.stage.train_iterator(local_bs, jax.process_index(), jax.process_count()))
+        latest = mngr.latest_step()
+        meta = {"step": 0, "examples_seen": 0, "wall_time_s": 0.0, "stage": config.stage}
+        if latest is not None:
+            state, meta = ckpt.restore(mngr, latest, run.abstract_state, data_iter)
+            log.info("resumed from %s at step %d", ckpt.checkpoint_dir(workdir), latest)
+            print(f"resuming from step {latest} ({ckpt.checkpoint_dir(workdir)})", flush=True)
+        else:
+            state = run.init_state()
+            if config.init_from:
+                state = _init_from(run, state, config.init_from)
+        frozen = run.stage.load_frozen()
+        step_fn = run.compile_step(frozen)
+        step = int(jax.device_get(state.step))
+        total = int(config.total_steps)
         if is_chief:
-            writer.scalars(p_step, {f"train/{k}": v for k, v in values_tb.items()})
-            print(format_progress(p_step, total, values, rate), flush=True)
-        if not all(math.isfinite(v) for v in values.values()):
-            log.warning("non-finite metrics at step %d: %s", p_step, values)
+            print(f"{config.stage}: {run.num_params():,} params, mesh {dict(run.mesh.shape)}, global batch "
+                  f"{config.batch_size}, steps {step}->{total}, workdir {workdir}", flush=True)
 
-    def current_meta():
-        return {"step": step, "examples_seen": examples, "stage": config.stage,
-                "wall_time_s": wall_before + time.time() - session_start}
+        wall_before = float(meta.get("wall_time_s", 0.0))
+        examples = int(meta.get("examples_seen", 0))
+        session_start = time.time()
+        last_log_time, last_log_step = None, step
+        pending = None
+        last_metrics: dict = {}
+        eval_result: dict | None = None
 
-    while step < total:
-        batch = global_batch(next(data_iter), run.mesh)
-        state, metrics = step_fn(state, batch)
-        step += 1
-        examples += config.batch_size
-        flush_pending()  # the previous logged step's metrics: fetched after this step is dispatched
-        if last_log_time is None:
-            last_log_time, last_log_step = time.time(), step  # rates exclude the first (compiling) step
-        if step % config.log_every == 0 or step == total:
-            pending = (step, metrics)
-        if config.checkpoint_every and step % config.checkpoint_every == 0 and step < total:
-            ckpt.save(mngr, step, state, current_meta(), data_iter)
-        if config.eval_every and step % config.eval_every == 0 and step < total:
-            flush_pending()
+        def flush_pending():
+            nonlocal pending, last_log_time, last_log_step, last_metrics
+            if pending is None:
+                return
+            p_step, p_metrics = pending
+            pending = None
+            values = {k: float(v) for k, v in jax.device_get(p_metrics).items()}
+            now = time.time()
+            rate = (p_step - last_log_step) / (now - last_log_time) if last_log_time and now > last_log_time else 0.0
+            last_log_time, last_log_step = now, p_step
+            values_tb = dict(values)
+            if rate:
+                values_tb["steps_per_sec"] = rate
+                values_tb["examples_per_sec"] = rate * config.batch_size
+            last_metrics = dict(values, step=p_step, steps_per_sec=rate)
+            if is_chief:
+                writer.scalars(p_step, {f"train/{k}": v for k, v in values_tb.items()})
+                print(format_progress(p_step, total, values, rate), flush=True)
+            if not all(math.isfinite(v) for v in values.values()):
+                log.warning("non-finite metrics at step %d: %s", p_step, values)
+
+        config_json = json.loads(config_to_json(config))
+
+        def current_meta():
+            return {"step": step, "examples_seen": examples, "stage": config.stage,
+                    "wall_time_s": wall_before + time.time() - session_start, "config": config_json}
+
+        while step < total:
+            batch = global_batch(next(data_iter), run.mesh)
+            state, metrics = step_fn(state, batch)
+            step += 1
+            examples += config.batch_size
+            flush_pending()  # the previous logged step's metrics: fetched after this step is dispatched
+            if last_log_time is None:
+                last_log_time, last_log_step = time.time(), step  # rates exclude the first (compiling) step
+            if step % config.log_every == 0 or step == total:
+                pending = (step, metrics)
+            if config.checkpoint_every and step % config.checkpoint_every == 0 and step < total:
+                ckpt.save(mngr, step, state, current_meta(), data_iter)
+            if config.eval_every and step % config.eval_every == 0 and step < total:
+                flush_pending()
+                eval_result = _evaluate_state(run, state, step, writer)
+        flush_pending()
+        if mngr.latest_step() != step:
+            ckpt.save(mngr, step, state, current_meta(), data_iter, force=True)
+        mngr.wait_until_finished()
+        if latest is None or latest < total:
             eval_result = _evaluate_state(run, state, step, writer)
-    flush_pending()
-    if mngr.latest_step() != step:
-        ckpt.save(mngr, step, state, current_meta(), data_iter, force=True)
-    mngr.wait_until_finished()
-    if latest is None or latest < total:
-        eval_result = _evaluate_state(run, state, step, writer)
-    mngr.close()
-    if writer is not None:
-        writer.close()
-    if hasattr(data_iter, "close"):
-        data_iter.close()
+    finally:  # release the grain workers, flush async checkpoints and event files, even on errors
+        mngr.close()
+        if writer is not None:
+            writer.close()
+        if data_iter is not None and hasattr(data_iter, "close"):
+            data_iter.close()
     log.info("training took %.1fs", time.time() - t_start)
     return {"train": last_metrics, "eval": eval_result}
 
