@@ -61,3 +61,33 @@ def trained_clip(tmp_path_factory, shapes_data_dir) -> str:
     workdir = str(tmp_path_factory.mktemp("clip_workdir"))
     train(small_config(shapes_data_dir), workdir)
     return workdir
+
+
+def small_prior_config(data_dir: str, clip_workdir: str, **overrides):
+    """configs/prior.py:tiny shrunk for tests (width 64, 2 blocks, 2 sampling steps, small data)."""
+    from configs.prior import get_config
+
+    c = get_config("tiny")
+    c.clip_workdir = clip_workdir
+    c.data.data_dir = data_dir
+    c.data.num_train = 256
+    c.data.num_test = 64
+    c.data.num_workers = 0
+    c.data.read_threads = 1
+    c.model.width, c.model.depth, c.model.heads = 64, 2, 2
+    c.batch_size = 16
+    c.total_steps = 4
+    c.log_every = 2
+    c.eval_every = 0
+    c.checkpoint_every = 2
+    c.optimizer.warmup_steps = 1
+    c.sampling.steps = 2
+    c.eval.batch_size = 32
+    c.eval.max_examples = 32
+    for k, v in overrides.items():
+        node = c
+        *path, last = k.split(".")
+        for p in path:
+            node = node[p]
+        node[last] = v
+    return c

@@ -141,3 +141,28 @@ def dtype_from_name(name: str) -> Dtype:
     if name not in table:
         raise ValueError(f"unknown dtype {name!r}; use one of {sorted(table)}")
     return table[name]
+
+
+def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
+    """Sinusoidal embedding of (possibly fractional) timesteps: t [B] -> [B, dim] float32 (cos, sin halves)."""
+    half = dim // 2
+    freqs = jnp.exp(-jnp.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+    args = t.astype(jnp.float32)[:, None] * freqs[None]
+    emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+    if dim % 2:
+        emb = jnp.pad(emb, ((0, 0), (0, 1)))
+    return emb
+
+
+class TimestepMlp(nn.Module):
+    """Sinusoidal timestep features through a 2-layer SiLU MLP: t [B] -> [B, features]."""
+
+    features: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, t: jax.Array) -> jax.Array:
+        h = timestep_embedding(t, self.features).astype(self.dtype)
+        h = Dense(self.features, axes=(None, "mlp"), dtype=self.dtype, name="fc1")(h)
+        h = jax.nn.silu(h)
+        return Dense(self.features, axes=("mlp", "embed"), dtype=self.dtype, name="fc2")(h)

@@ -6,6 +6,7 @@ import importlib
 
 STAGES = {
     "clip": "dalle2_jax.stages.clip:ClipStage",
+    "prior": "dalle2_jax.stages.prior:PriorStage",
 }
 
 

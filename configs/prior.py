@@ -1,0 +1,97 @@
+"""Diffusion prior configs: `tiny` (2 CPU cores), `base`, `paper` (width 2048, 24 blocks, ~1.2B params).
+
+Use: `python -m dalle2_jax.train --config configs/prior.py:tiny --workdir DIR --config.clip_workdir=CLIP_DIR`.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from dalle2_jax.training.config import base_config
+
+
+def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
+    """The prior config variant `arg` (tiny | base | paper)."""
+    c = base_config()
+    c.stage = "prior"
+    c.clip_workdir = ""  # required: a CLIP workdir (trained or imported)
+    m = c.model = ml_collections.ConfigDict()
+    m.width = 256
+    m.depth = 4
+    m.heads = 4
+    m.mlp_ratio = 4.0
+    m.act = "gelu"
+    m.dtype = "float32"
+    m.ln_eps = 1e-5
+    m.remat = "none"
+    m.scan_layers = False
+    # How CLIP embeddings are scaled for diffusion: "scale" multiplies the unit-norm embeddings by
+    # embedding_scale (the paper's 17.2 for 1024-d CLIP; sqrt(embed_dim) keeps per-dimension variance
+    # near 1); "standardize" uses per-dimension mean/std measured on the training data (stats/).
+    m.embedding_norm = "scale"
+    m.embedding_scale = 0.0  # 0 = sqrt(embed_dim) of the frozen CLIP
+    m.cond_drop_prob = 0.1  # caption tokens + text embedding dropped together, for guidance
+
+    c.diffusion = ml_collections.ConfigDict()
+    c.diffusion.schedule = "cosine"
+    c.diffusion.num_steps = 1000
+    c.diffusion.model_output = "x0"  # the paper's prior predicts the clean embedding
+    c.diffusion.learned_variance = False
+
+    c.sampling = ml_collections.ConfigDict()
+    c.sampling.sampler = "ddim"  # ddim | ddpm | analytic
+    c.sampling.steps = 64
+    c.sampling.guidance_scale = 2.0
+    c.sampling.eta = 0.0
+    c.sampling.num_candidates = 2  # keep the candidate with the higher dot product with the text embedding
+
+    c.batch_size = 128
+    c.optimizer.learning_rate = 1e-3
+    c.optimizer.warmup_steps = 100
+    c.optimizer.b2 = 0.96
+    c.optimizer.eps = 1e-6
+    c.optimizer.weight_decay = 6e-2
+    c.optimizer.ema_decay = 0.999
+    c.eval.max_examples = 1000
+
+    if arg == "tiny":
+        c.total_steps = 3000
+        c.log_every = 50
+        c.eval_every = 1000
+        c.checkpoint_every = 1000
+        c.sampling.steps = 16
+    elif arg == "base":
+        m.width, m.depth, m.heads = 768, 12, 12
+        m.dtype = "bfloat16"
+        c.batch_size = 1024
+        c.total_steps = 200_000
+        c.optimizer.learning_rate = 3e-4
+        c.optimizer.warmup_steps = 2000
+        c.optimizer.ema_decay = 0.9999
+        c.log_every = 100
+        c.eval_every = 10_000
+        c.checkpoint_every = 2000
+    elif arg == "paper":
+        # DALL-E 2 appendix C: decoder-only transformer, width 2048, 24 blocks, AdamW lr 1.1e-4,
+        # beta2 0.96, eps 1e-6, weight decay 6e-2, EMA 0.9999, 1000 diffusion steps (cosine), 64 sampling
+        # steps; the paper's batch is 4096.
+        m.width, m.depth, m.heads = 2048, 24, 32
+        m.dtype = "bfloat16"
+        m.remat = "full"
+        m.scan_layers = True
+        m.embedding_scale = 17.2
+        c.batch_size = 4096
+        c.total_steps = 600_000
+        c.optimizer.learning_rate = 1.1e-4
+        c.optimizer.warmup_steps = 10_000
+        c.optimizer.ema_decay = 0.9999
+        c.sampling.steps = 64
+        c.log_every = 100
+        c.eval_every = 10_000
+        c.checkpoint_every = 2000
+        c.data.name = ""  # set to your prepared image-text TFDS data set
+        c.data.image_key = "image"
+        c.data.resolution = 256
+    else:
+        raise ValueError(f"unknown prior config {arg!r}; use tiny, base or paper")
+    return c

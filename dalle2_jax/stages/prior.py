@@ -1,0 +1,256 @@
+"""The diffusion prior stage: CLIP text (embedding + token encodings) -> CLIP image embedding.
+
+The frozen CLIP (config.clip_workdir) embeds the images and captions inside the jitted step. The prior is
+trained on the diffusion loss of the scaled image embedding; evaluation samples embeddings for test
+captions (guided, best of N candidates by dot product with the text embedding) and compares them with
+the true image embeddings.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dalle2_jax import diffusion as D
+from dalle2_jax.data import pipeline
+from dalle2_jax.models.clip import build_clip
+from dalle2_jax.models.layers import ACTIVATIONS, dtype_from_name
+from dalle2_jax.models.prior import DiffusionPrior
+from dalle2_jax.stages.base import Stage
+from dalle2_jax.text import load_tokenizer
+from dalle2_jax.training.config import ConfigError
+
+TOKENIZER_DIR = "tokenizer"
+SAMPLERS = ("ddim", "ddpm")
+
+
+def quartile_losses(loss: jax.Array, t: jax.Array, num_steps: int) -> dict:
+    """Mean loss per timestep quartile (as ADM logs it): loss [B], t [B] -> {'loss_q0'..'loss_q3'}."""
+    q = jnp.clip(t * 4 // num_steps, 0, 3)
+    out = {}
+    for i in range(4):
+        m = (q == i).astype(jnp.float32)
+        out[f"loss_q{i}"] = jnp.sum(loss * m) / jnp.maximum(jnp.sum(m), 1.0)
+    return out
+
+
+class PriorStage(Stage):
+    """Trains the diffusion prior against a frozen CLIP."""
+
+    name = "prior"
+
+    def __init__(self, config, workdir: str):
+        super().__init__(config, workdir)
+        self.clip = self.prior = self.tokenizer = self.diffusion = None
+        self._frozen = None
+
+    @classmethod
+    def validate(cls, config) -> None:
+        if not config.clip_workdir:
+            raise ConfigError("clip_workdir", "is empty; point it at a trained or imported CLIP workdir")
+        if not os.path.exists(os.path.join(config.clip_workdir, "config.json")):
+            raise ConfigError("clip_workdir", f"{config.clip_workdir!r} is not a CLIP workdir (no config.json); "
+                              "train one with configs/clip.py first")
+        m = config.model
+        if m.width % m.heads:
+            raise ConfigError("model.heads", f"width {m.width} is not divisible by {m.heads} heads")
+        if m.act not in ACTIVATIONS:
+            raise ConfigError("model.act", f"unknown activation {m.act!r}; use one of {ACTIVATIONS}")
+        if m.embedding_norm != "scale":
+            raise ConfigError("model.embedding_norm", f"unknown mode {m.embedding_norm!r}; use 'scale'")
+        if not 0.0 <= m.cond_drop_prob < 1.0:
+            raise ConfigError("model.cond_drop_prob", f"must be in [0, 1), got {m.cond_drop_prob}")
+        d = config.diffusion
+        if d.schedule not in ("cosine", "linear"):
+            raise ConfigError("diffusion.schedule", f"unknown schedule {d.schedule!r}; use cosine or linear")
+        if d.model_output not in ("x0", "eps", "v"):
+            raise ConfigError("diffusion.model_output", f"unknown output {d.model_output!r}; use x0, eps or v")
+        s = config.sampling
+        if s.sampler not in SAMPLERS:
+            raise ConfigError("sampling.sampler", f"unknown sampler {s.sampler!r}; use one of {SAMPLERS}")
+        if not 1 <= s.steps <= d.num_steps:
+            raise ConfigError("sampling.steps", f"must be in [1, diffusion.num_steps={d.num_steps}], got {s.steps}")
+        if s.num_candidates < 1:
+            raise ConfigError("sampling.num_candidates", f"must be >= 1, got {s.num_candidates}")
+
+    # --- set-up ---------------------------------------------------------------------------------------
+    def prepare(self) -> None:
+        pipeline.prepare_dataset(self.config.data)
+        src = os.path.join(self.config.clip_workdir, TOKENIZER_DIR)
+        dst = os.path.join(self.workdir, TOKENIZER_DIR)
+        if not os.path.exists(dst) and jax.process_index() == 0:
+            shutil.copytree(src, dst)  # the prior's workdir carries the tokenizer it was trained with
+        self.setup_model()
+
+    def setup_model(self) -> None:
+        from dalle2_jax.training.checkpoint import read_config
+
+        clip_cfg = read_config(self.config.clip_workdir)
+        self.tokenizer = load_tokenizer(os.path.join(self.config.clip_workdir, TOKENIZER_DIR))
+        self.clip = build_clip(clip_cfg.model, self.tokenizer.eot_id)
+        self.clip_embed_dim = int(clip_cfg.model.embed_dim)
+        self.text_width = int(clip_cfg.model.text.width)
+        self.context_length = int(clip_cfg.model.text.context_length)
+        if self.config.data.resolution != clip_cfg.model.vision.image_size:
+            raise ConfigError("data.resolution", f"{self.config.data.resolution} differs from the CLIP's image size "
+                              f"{clip_cfg.model.vision.image_size}")
+        self._build_prior()
+
+    def _build_prior(self) -> None:
+        m = self.config.model
+        self.prior = DiffusionPrior(embed_dim=self.clip_embed_dim, width=m.width, depth=m.depth, num_heads=m.heads,
+                                    context_length=self.context_length, mlp_ratio=m.mlp_ratio, act=m.act,
+                                    ln_eps=m.ln_eps, remat=m.remat, scan_layers=m.scan_layers,
+                                    dtype=dtype_from_name(m.dtype))
+        d = self.config.diffusion
+        self.diffusion = D.make_diffusion(d.schedule, d.num_steps, model_output=d.model_output,
+                                          learned_variance=d.learned_variance)
+        self.scale = float(m.embedding_scale) or float(np.sqrt(self.clip_embed_dim))
+
+    def abstract_init(self, rng: jax.Array) -> Any:
+        m = self.config.model
+        self.clip_embed_dim = int(m.get("clip_embed_dim", 1024))
+        self.text_width = int(m.get("clip_text_width", 1024))
+        self.context_length = int(m.get("clip_context_length", 77))
+        self._build_prior()
+        return self.init_params(rng)
+
+    def init_params(self, rng: jax.Array) -> Any:
+        e = jnp.zeros((1, self.clip_embed_dim), jnp.float32)
+        tokens = jnp.zeros((1, self.context_length, self.text_width), jnp.float32)
+        return self.prior.init(rng, e, jnp.zeros((1,), jnp.int32), e, tokens,
+                               jnp.ones((1, self.context_length), bool), jnp.zeros((1,), bool))
+
+    def load_frozen(self) -> Any:
+        from dalle2_jax.training.checkpoint import load_params
+
+        if self._frozen is None:
+            _, self._frozen, _ = load_params(self.config.clip_workdir)
+        return self._frozen
+
+    def train_iterator(self, local_batch_size: int, process_index: int, process_count: int):
+        return pipeline.image_text_pipeline(
+            self.config.data, self.config.data.train_split, tokenizer_dir=os.path.join(self.workdir, TOKENIZER_DIR),
+            local_batch_size=local_batch_size, seed=self.config.seed, process_index=process_index,
+            process_count=process_count)
+
+    # --- the step -------------------------------------------------------------------------------------
+    def clip_text(self, clip_params: Any, tokens: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """tokens [B, L] -> (unit text embedding [B, E], token states [B, L, W], valid mask [B, L])."""
+        emb, states = self.clip.apply(clip_params, tokens, method=self.clip.encode_text_full)
+        emb = emb * jax.lax.rsqrt(jnp.sum(emb * emb, axis=-1, keepdims=True) + 1e-12)
+        return jax.lax.stop_gradient(emb), jax.lax.stop_gradient(states.astype(jnp.float32)), \
+            tokens != self.tokenizer_pad_id()
+
+    def tokenizer_pad_id(self) -> int:
+        return int(self.tokenizer.pad_id) if self.tokenizer is not None else 0
+
+    def clip_image(self, clip_params: Any, images_uint8: jax.Array) -> jax.Array:
+        """uint8 images [B, R, R, 3] -> unit CLIP image embeddings [B, E]."""
+        emb = self.clip.apply(clip_params, images_uint8.astype(jnp.float32) / 255.0, method=self.clip.encode_image)
+        return jax.lax.stop_gradient(emb)
+
+    def loss(self, params: Any, batch: dict, rng: jax.Array, frozen: Any) -> tuple[jax.Array, dict]:
+        img = self.clip_image(frozen, batch["image"])
+        txt, states, valid = self.clip_text(frozen, batch["tokens"])
+        b = img.shape[0]
+        k_t, k_noise, k_drop = jax.random.split(rng, 3)
+        t = jax.random.randint(k_t, (b,), 0, self.diffusion.num_steps)
+        noise = jax.random.normal(k_noise, img.shape, jnp.float32)
+        drop = jax.random.bernoulli(k_drop, self.config.model.cond_drop_prob, (b,))
+
+        def model_fn(x_t, t_orig):
+            return self.prior.apply(params, x_t, t_orig, txt * self.scale, states, valid, drop)
+
+        terms = D.training_losses(self.diffusion, model_fn, img * self.scale, t, noise)
+        loss = jnp.mean(terms["loss"])
+        return loss, quartile_losses(terms["loss"], t, self.diffusion.num_steps)
+
+    # --- sampling and evaluation ----------------------------------------------------------------------
+    def make_sampler(self, steps: int | None = None, guidance_scale: float | None = None,
+                     num_candidates: int | None = None):
+        """A jitted (params, text_emb [B,E] unit, states [B,L,W], valid [B,L], key) -> unit image embeddings
+        [B, E]: guided sampling of `num_candidates` per caption, keeping the one with the highest dot
+        product with the text embedding."""
+        s = self.config.sampling
+        steps = int(steps or s.steps)
+        scale_g = float(s.guidance_scale if guidance_scale is None else guidance_scale)
+        k = int(num_candidates or s.num_candidates)
+        diff, _ = D.respace(self.diffusion, steps)
+
+        def sample(params, txt, states, valid, key):
+            b = txt.shape[0]
+            rep = lambda x: jnp.repeat(x, k, axis=0)  # noqa: E731
+            txt_k, states_k, valid_k = rep(txt), rep(states), rep(valid)
+
+            def model(x_t, t, drop):
+                return self.prior.apply(params, x_t, t, txt_k * self.scale, states_k, valid_k, drop)
+
+            denoise = D.cfg_denoiser(lambda x, t: model(x, t, jnp.zeros((x.shape[0],), bool)),
+                                     lambda x, t: model(x, t, jnp.ones((x.shape[0],), bool)), scale_g,
+                                     learned_variance=self.diffusion.learned_variance)
+            shape = (b * k, self.clip_embed_dim)
+            if s.sampler == "ddim":
+                x0 = D.sample_ddim(diff, denoise, shape, key, eta=float(s.eta))
+            else:
+                x0 = D.sample_ddpm(diff, denoise, shape, key)
+            x0 = x0 / self.scale
+            x0 = x0 * jax.lax.rsqrt(jnp.sum(x0 * x0, axis=-1, keepdims=True) + 1e-12)
+            cand = x0.reshape(b, k, -1)
+            best = jnp.argmax(jnp.einsum("bke,be->bk", cand, txt), axis=1)
+            return jnp.take_along_axis(cand, best[:, None, None], axis=1)[:, 0]
+
+        return jax.jit(sample)
+
+    def evaluate(self, params: Any, mesh) -> dict:
+        """prior_cosine (sampled vs true image embedding), text_baseline_cosine, shuffled_baseline_cosine,
+        image_retrieval_r1 and heldout_prior_cosine on the test split."""
+        cfg = self.config
+        data_cfg = cfg.data
+        frozen = self.load_frozen()
+        source = pipeline.open_source(data_cfg, data_cfg.eval_split, skip_decoding=(data_cfg.image_key,))
+        has_scene = "scene" in source[0]
+        keys = [data_cfg.image_key, data_cfg.text_key] + (["scene"] if has_scene else [])
+        records = pipeline.read_split(data_cfg, data_cfg.eval_split, keys, int(cfg.eval.max_examples))
+        images = np.stack([r[data_cfg.image_key] for r in records])
+        tokens = self.tokenizer.encode_batch([r[data_cfg.text_key] for r in records])
+        bs = int(cfg.eval.batch_size)
+        embed_img = jax.jit(self.clip_image)
+        embed_txt = jax.jit(self.clip_text)
+        sampler = self.make_sampler()
+        key = jax.random.key(cfg.seed + 1)
+        perm = np.random.default_rng(cfg.seed).permutation(len(records))
+        img_e, txt_e, samp, samp_shuf = [], [], [], []
+        for start in range(0, len(records), bs):
+            sl = slice(start, start + bs)
+            n = len(images[sl])
+            pad = lambda x: np.concatenate([x, np.repeat(x[-1:], bs - n, 0)]) if n < bs else x  # noqa: E731
+            img_e.append(np.asarray(embed_img(frozen, pad(images[sl])))[:n])
+            t, st, va = embed_txt(frozen, pad(tokens[sl]))
+            txt_e.append(np.asarray(t)[:n])
+            samp.append(np.asarray(sampler(params, t, st, va, jax.random.fold_in(key, start)))[:n])
+            ts, sts, vas = embed_txt(frozen, pad(tokens[perm][sl]))
+            samp_shuf.append(np.asarray(sampler(params, ts, sts, vas, jax.random.fold_in(key, 10**6 + start)))[:n])
+        img_e, txt_e = np.concatenate(img_e), np.concatenate(txt_e)
+        samp, samp_shuf = np.concatenate(samp), np.concatenate(samp_shuf)
+        cos = np.sum(samp * img_e, axis=1)
+        out = {
+            "num_examples": len(records),
+            "prior_cosine": float(cos.mean()),
+            "text_baseline_cosine": float(np.sum(txt_e * img_e, axis=1).mean()),
+            "shuffled_baseline_cosine": float(np.sum(samp_shuf * img_e, axis=1).mean()),
+            "image_retrieval_r1": float(np.mean(np.argmax(samp @ img_e.T, axis=1) == np.arange(len(records)))),
+        }
+        if has_scene:
+            from dalle2_jax.data import scenes as S
+
+            held = np.array([any(S.is_heldout(o["color"], o["shape"]) for o in S.decode_scene(r["scene"])["objects"])
+                             for r in records], bool)
+            out["heldout_prior_cosine"] = float(cos[held].mean()) if held.any() else float("nan")
+            out["num_heldout"] = int(held.sum())
+        return out

@@ -1,0 +1,120 @@
+"""The diffusion prior stage on a frozen tiny CLIP."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import small_prior_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_prior_overfits_one_batch(shapes_data_dir, trained_clip, tmp_path):
+    from dalle2_jax.training.partitioning import global_batch
+    from dalle2_jax.training.trainer import Run
+
+    cfg = small_prior_config(shapes_data_dir, trained_clip, total_steps=150,
+                             **{"optimizer.schedule": "constant", "optimizer.weight_decay": 0.0,
+                                "optimizer.learning_rate": 2e-3, "optimizer.warmup_steps": 10,
+                                "model.cond_drop_prob": 0.0})
+    run = Run(cfg, str(tmp_path))
+    batch = global_batch(next(iter(run.stage.train_iterator(16, 0, 1))), run.mesh)
+    step = run.compile_step(run.stage.load_frozen())
+    state = run.init_state()
+    losses = []
+    for _ in range(150):
+        state, metrics = step(state, batch)
+        losses.append(float(metrics["loss"]))
+    assert np.mean(losses[-10:]) < np.mean(losses[:10]) / 5, (losses[:3], losses[-3:])
+    assert {"loss_q0", "loss_q1", "loss_q2", "loss_q3"} <= set(metrics)
+
+
+def test_prior_train_and_evaluate(shapes_data_dir, trained_clip, tmp_path):
+    from dalle2_jax.evaluate import evaluate_workdir
+    from dalle2_jax.training.trainer import train
+
+    workdir = str(tmp_path / "prior")
+    out = train(small_prior_config(shapes_data_dir, trained_clip), workdir)
+    assert np.isfinite(out["train"]["loss"])
+    assert os.path.exists(os.path.join(workdir, "tokenizer", "tokenizer_meta.json"))
+    result = evaluate_workdir(workdir)
+    for key in ("prior_cosine", "text_baseline_cosine", "shuffled_baseline_cosine", "image_retrieval_r1",
+                "heldout_prior_cosine"):
+        assert key in result and np.isfinite(result[key]), key
+        assert -1.0 <= result[key] <= 1.0
+    assert result["num_examples"] == 32 and result["step"] == 4
+
+
+def test_prior_sampling_is_seeded_and_picks_the_best_candidate(shapes_data_dir, trained_clip, tmp_path):
+    from dalle2_jax.training.trainer import Run
+
+    run = Run(small_prior_config(shapes_data_dir, trained_clip), str(tmp_path))
+    stage = run.stage
+    params = run.init_state().params
+    frozen = stage.load_frozen()
+    tokens = stage.tokenizer.encode_batch(["a red circle", "a small blue star"])
+    txt, states, valid = jax.jit(stage.clip_text)(frozen, tokens)
+    best = stage.make_sampler(num_candidates=4)
+    a = np.asarray(best(params, txt, states, valid, jax.random.key(0)))
+    b = np.asarray(best(params, txt, states, valid, jax.random.key(0)))
+    c = np.asarray(best(params, txt, states, valid, jax.random.key(1)))
+    np.testing.assert_array_equal(a, b)
+    assert np.abs(a - c).max() > 1e-4
+    np.testing.assert_allclose(np.linalg.norm(a, axis=1), 1.0, rtol=1e-5)
+    # with 4 candidates the kept one's dot product with the text is at least that of a single draw's
+    one = stage.make_sampler(num_candidates=1)
+    singles = np.stack([np.asarray(one(params, txt, states, valid, jax.random.key(s))) for s in range(3)])
+    assert np.all(np.sum(a * np.asarray(txt), 1) >= np.min(np.sum(singles * np.asarray(txt), -1), 0) - 1e-6)
+
+
+def test_prior_needs_a_clip_workdir(shapes_data_dir, tmp_path):
+    from dalle2_jax.training.config import ConfigError, validate_config
+
+    with pytest.raises(ConfigError, match="config.clip_workdir: is empty"):
+        validate_config(small_prior_config(shapes_data_dir, ""), num_devices=1)
+    with pytest.raises(ConfigError, match="not a CLIP workdir"):
+        validate_config(small_prior_config(shapes_data_dir, str(tmp_path)), num_devices=1)
+
+
+SCRIPT = textwrap.dedent("""
+    import json, sys
+    import jax, numpy as np
+    from absl import flags
+    flags.FLAGS.mark_as_parsed()
+    sys.path.insert(0, {tests!r})
+    from conftest import small_prior_config
+    from dalle2_jax.training.partitioning import global_batch
+    from dalle2_jax.training.trainer import Run
+
+    out = {{}}
+    for name, mesh, devices in [("one", dict(data=1, fsdp=1, tensor=1), jax.devices()[:1]),
+                                ("eight", dict(data=2, fsdp=4, tensor=1), jax.devices())]:
+        cfg = small_prior_config({data_dir!r}, {clip!r})
+        cfg.mesh.update(mesh)
+        run = Run(cfg, {workdir!r}, devices=devices)
+        state = run.init_state()
+        step = run.compile_step(run.stage.load_frozen())
+        state, metrics = step(state, global_batch(next(iter(run.stage.train_iterator(16, 0, 1))), run.mesh))
+        leaves = [np.asarray(x).ravel() for x in jax.tree.leaves(jax.device_get(state.params))]
+        out[name] = dict(loss=float(metrics["loss"]), params=np.concatenate(leaves).tolist())
+    print(json.dumps(out))
+""")
+
+
+def test_prior_step_on_8_devices_equals_one(shapes_data_dir, trained_clip, tmp_path):
+    script = SCRIPT.format(tests=os.path.join(REPO, "tests"), data_dir=shapes_data_dir, clip=trained_clip,
+                           workdir=str(tmp_path))
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    np.testing.assert_allclose(out["eight"]["loss"], out["one"]["loss"], rtol=1e-5)
+    np.testing.assert_allclose(out["eight"]["params"], out["one"]["params"], atol=2e-5)
