@@ -53,6 +53,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.optimizer.weight_decay = 6e-2
     c.optimizer.ema_decay = 0.999
     c.eval.max_examples = 1000
+    c.data.embeddings_dir = ""  # train from `python -m dalle2_jax.tools.embed` output instead of images
 
     if arg == "tiny":
         c.total_steps = 3000

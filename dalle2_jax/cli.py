@@ -12,6 +12,7 @@ COMMANDS = {
     "train": ("dalle2_jax.train", "train a stage from a config"),
     "evaluate": ("dalle2_jax.evaluate", "evaluate a workdir's newest checkpoint"),
     "params": ("dalle2_jax.tools.params", "count a config's parameters (no memory)"),
+    "embed": ("dalle2_jax.tools.embed", "precompute a frozen CLIP's embeddings of a data set"),
     "build-folder": ("dalle2_jax.tools.build_folder", "build a TFDS data set from a folder of captioned images"),
 }
 

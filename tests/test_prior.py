@@ -118,3 +118,38 @@ def test_prior_step_on_8_devices_equals_one(shapes_data_dir, trained_clip, tmp_p
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     np.testing.assert_allclose(out["eight"]["loss"], out["one"]["loss"], rtol=1e-5)
     np.testing.assert_allclose(out["eight"]["params"], out["one"]["params"], atol=2e-5)
+
+
+def test_embed_tool_matches_in_step_embeddings_and_feeds_the_prior(shapes_data_dir, trained_clip, tmp_path):
+    from array_record.python.array_record_module import ArrayRecordReader
+
+    from dalle2_jax.data import pipeline
+    from dalle2_jax.tools.embed import deserialize, embed_split
+    from dalle2_jax.training.checkpoint import read_config
+    from dalle2_jax.training.trainer import Run, train
+
+    data_cfg = read_config(trained_clip).data
+    out = str(tmp_path / "emb")
+    summary = embed_split(trained_clip, out, "train", batch_size=32, data_cfg=data_cfg, max_examples=40)
+    assert summary["records"] == 40
+    reader = ArrayRecordReader(summary["file"])
+    recs = [deserialize(reader.read([i])[0]) for i in range(40)]
+    reader.close()
+    assert [int(r["index"]) for r in recs] == list(range(40))
+
+    run = Run(small_prior_config(shapes_data_dir, trained_clip), str(tmp_path / "w"))
+    stage, frozen = run.stage, run.stage.clip_params()
+    rows = pipeline.read_split(data_cfg, "train", [data_cfg.image_key, data_cfg.text_key], max_examples=40)
+    images = np.stack([r[data_cfg.image_key] for r in rows])
+    tokens = stage.tokenizer.encode_batch([r[data_cfg.text_key] for r in rows])
+    img = np.asarray(jax.jit(stage.clip_image)(frozen, images))
+    txt, states, _ = jax.jit(stage.clip_text)(frozen, tokens)
+    np.testing.assert_allclose(np.stack([r["image_emb"] for r in recs]), img, atol=1e-5)
+    np.testing.assert_allclose(np.stack([r["text_emb"] for r in recs]), np.asarray(txt), atol=1e-5)
+    np.testing.assert_allclose(np.stack([r["token_states"] for r in recs]), np.asarray(states), atol=1e-4)
+    np.testing.assert_array_equal(np.stack([r["tokens"] for r in recs]), tokens)
+
+    # the prior trains from the files (no CLIP forward in the step)
+    result = train(small_prior_config(shapes_data_dir, trained_clip, total_steps=2, **{"data.embeddings_dir": out}),
+                   str(tmp_path / "w2"))
+    assert np.isfinite(result["train"]["loss"])

@@ -12,6 +12,7 @@ import os
 import shutil
 from typing import Any
 
+import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -37,6 +38,31 @@ def quartile_losses(loss: jax.Array, t: jax.Array, num_steps: int) -> dict:
         m = (q == i).astype(jnp.float32)
         out[f"loss_q{i}"] = jnp.sum(loss * m) / jnp.maximum(jnp.sum(m), 1.0)
     return out
+
+
+class _DecodeEmbedding(grain.transforms.Map):
+    def map(self, data: bytes) -> dict:
+        from dalle2_jax.tools.embed import deserialize
+
+        r = deserialize(data)
+        return {k: np.asarray(r[k]) for k in ("image_emb", "text_emb", "token_states", "tokens")}
+
+
+def embedding_pipeline(directory: str, split: str, *, local_batch_size: int, seed: int, process_index: int = 0,
+                       process_count: int = 1, num_workers: int = 0) -> grain.IterDataset:
+    """Batches of precomputed embeddings (tools.embed output): {'image_emb' [b,E], 'text_emb' [b,E],
+    'token_states' [b,L,W], 'tokens' [b,L]}, this process's stride of the records, shuffled by `seed`."""
+    from dalle2_jax.tools.embed import embedding_files
+
+    ds = grain.MapDataset.source(grain.sources.ArrayRecordDataSource(embedding_files(directory, split)))
+    if process_count > 1:
+        ds = ds[process_index::process_count]
+    ds = ds.seed(seed).shuffle().repeat(None).map(_DecodeEmbedding())
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=64))
+    it = it.batch(local_batch_size, drop_remainder=True)
+    if num_workers > 0:
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+    return it
 
 
 class PriorStage(Stage):
@@ -126,14 +152,24 @@ class PriorStage(Stage):
         return self.prior.init(rng, e, jnp.zeros((1,), jnp.int32), e, tokens,
                                jnp.ones((1, self.context_length), bool), jnp.zeros((1,), bool))
 
-    def load_frozen(self) -> Any:
+    def clip_params(self) -> Any:
+        """The frozen CLIP's (EMA) params, loaded once."""
         from dalle2_jax.training.checkpoint import load_params
 
         if self._frozen is None:
             _, self._frozen, _ = load_params(self.config.clip_workdir)
         return self._frozen
 
+    def load_frozen(self) -> Any:
+        # Training from precomputed embeddings needs no CLIP in the step.
+        return None if self.config.data.embeddings_dir else self.clip_params()
+
     def train_iterator(self, local_batch_size: int, process_index: int, process_count: int):
+        if self.config.data.embeddings_dir:
+            return embedding_pipeline(self.config.data.embeddings_dir, self.config.data.train_split,
+                                      local_batch_size=local_batch_size, seed=self.config.seed,
+                                      process_index=process_index, process_count=process_count,
+                                      num_workers=int(self.config.data.num_workers))
         return pipeline.image_text_pipeline(
             self.config.data, self.config.data.train_split, tokenizer_dir=os.path.join(self.workdir, TOKENIZER_DIR),
             local_batch_size=local_batch_size, seed=self.config.seed, process_index=process_index,
@@ -156,8 +192,12 @@ class PriorStage(Stage):
         return jax.lax.stop_gradient(emb)
 
     def loss(self, params: Any, batch: dict, rng: jax.Array, frozen: Any) -> tuple[jax.Array, dict]:
-        img = self.clip_image(frozen, batch["image"])
-        txt, states, valid = self.clip_text(frozen, batch["tokens"])
+        if "image_emb" in batch:  # precomputed by tools.embed
+            img, txt, states = batch["image_emb"], batch["text_emb"], batch["token_states"]
+            valid = batch["tokens"] != self.tokenizer_pad_id()
+        else:
+            img = self.clip_image(frozen, batch["image"])
+            txt, states, valid = self.clip_text(frozen, batch["tokens"])
         b = img.shape[0]
         k_t, k_noise, k_drop = jax.random.split(rng, 3)
         t = jax.random.randint(k_t, (b,), 0, self.diffusion.num_steps)
@@ -212,7 +252,7 @@ class PriorStage(Stage):
         image_retrieval_r1 and heldout_prior_cosine on the test split."""
         cfg = self.config
         data_cfg = cfg.data
-        frozen = self.load_frozen()
+        frozen = self.clip_params()
         source = pipeline.open_source(data_cfg, data_cfg.eval_split, skip_decoding=(data_cfg.image_key,))
         has_scene = "scene" in source[0]
         keys = [data_cfg.image_key, data_cfg.text_key] + (["scene"] if has_scene else [])
