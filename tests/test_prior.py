@@ -73,6 +73,14 @@ def test_prior_sampling_is_seeded_and_picks_the_best_candidate(shapes_data_dir, 
     one = stage.make_sampler(num_candidates=1)
     singles = np.stack([np.asarray(one(params, txt, states, valid, jax.random.key(s))) for s in range(3)])
     assert np.all(np.sum(a * np.asarray(txt), 1) >= np.min(np.sum(singles * np.asarray(txt), -1), 0) - 1e-6)
+    # the analytic (Analytic-DPM) sampler with Gamma measured on real pairs
+    images = np.zeros((2, 64, 64, 3), np.uint8)
+    images[0, 20:40, 20:40, 0] = 220
+    img = jax.jit(stage.clip_image)(frozen, images)
+    gamma = stage.make_gamma_estimator()(params, img, txt, states, valid, jax.random.key(0))
+    assert gamma.shape == (stage.config.sampling.steps,) and np.all(np.isfinite(np.asarray(gamma)))
+    ana = stage.make_sampler(sampler="analytic")(params, txt, states, valid, jax.random.key(0), gamma)
+    np.testing.assert_allclose(np.linalg.norm(np.asarray(ana), axis=1), 1.0, rtol=1e-5)
 
 
 def test_prior_needs_a_clip_workdir(shapes_data_dir, tmp_path):

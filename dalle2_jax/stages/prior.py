@@ -27,7 +27,7 @@ from dalle2_jax.text import load_tokenizer
 from dalle2_jax.training.config import ConfigError
 
 TOKENIZER_DIR = "tokenizer"
-SAMPLERS = ("ddim", "ddpm")
+SAMPLERS = ("ddim", "ddpm", "analytic")
 
 
 def quartile_losses(loss: jax.Array, t: jax.Array, num_steps: int) -> dict:
@@ -212,33 +212,54 @@ class PriorStage(Stage):
         return loss, quartile_losses(terms["loss"], t, self.diffusion.num_steps)
 
     # --- sampling and evaluation ----------------------------------------------------------------------
-    def make_sampler(self, steps: int | None = None, guidance_scale: float | None = None,
-                     num_candidates: int | None = None):
-        """A jitted (params, text_emb [B,E] unit, states [B,L,W], valid [B,L], key) -> unit image embeddings
-        [B, E]: guided sampling of `num_candidates` per caption, keeping the one with the highest dot
-        product with the text embedding."""
+    def _denoiser(self, params, txt, states, valid, guidance_scale: float):
+        """The guided denoise_fn(x_t, t) for these (already repeated) text conditions."""
+
+        def model(x_t, t, drop):
+            return self.prior.apply(params, x_t, t, txt * self.scale, states, valid, drop)
+
+        return D.cfg_denoiser(lambda x, t: model(x, t, jnp.zeros((x.shape[0],), bool)),
+                              lambda x, t: model(x, t, jnp.ones((x.shape[0],), bool)), guidance_scale,
+                              learned_variance=self.diffusion.learned_variance)
+
+    def sampling_diffusion(self, steps: int | None = None):
+        return D.respace(self.diffusion, int(steps or self.config.sampling.steps))[0]
+
+    def make_gamma_estimator(self, steps: int | None = None, guidance_scale: float | None = None):
+        """For the analytic sampler: a jitted (params, image_emb [B,E] unit, txt, states, valid, key) -> Gamma
+        [steps], Analytic-DPM's per-step E||eps||^2/d measured on real (image, caption) pairs."""
         s = self.config.sampling
-        steps = int(steps or s.steps)
+        diff = self.sampling_diffusion(steps)
+        scale_g = float(s.guidance_scale if guidance_scale is None else guidance_scale)
+
+        def estimate(params, img, txt, states, valid, key):
+            denoise = self._denoiser(params, txt, states, valid, scale_g)
+            return D.estimate_analytic_gamma(diff, denoise, img * self.scale, key, estimator="mse")
+
+        return jax.jit(estimate)
+
+    def make_sampler(self, steps: int | None = None, guidance_scale: float | None = None,
+                     num_candidates: int | None = None, sampler: str | None = None):
+        """A jitted (params, text_emb [B,E] unit, states [B,L,W], valid [B,L], key[, gamma]) -> unit image
+        embeddings [B, E]: guided sampling of `num_candidates` per caption, keeping the one with the highest
+        dot product with the text embedding. The analytic sampler also takes Gamma (make_gamma_estimator)."""
+        s = self.config.sampling
+        sampler = sampler or s.sampler
         scale_g = float(s.guidance_scale if guidance_scale is None else guidance_scale)
         k = int(num_candidates or s.num_candidates)
-        diff, _ = D.respace(self.diffusion, steps)
+        diff = self.sampling_diffusion(steps)
 
-        def sample(params, txt, states, valid, key):
+        def sample(params, txt, states, valid, key, gamma=None):
             b = txt.shape[0]
             rep = lambda x: jnp.repeat(x, k, axis=0)  # noqa: E731
-            txt_k, states_k, valid_k = rep(txt), rep(states), rep(valid)
-
-            def model(x_t, t, drop):
-                return self.prior.apply(params, x_t, t, txt_k * self.scale, states_k, valid_k, drop)
-
-            denoise = D.cfg_denoiser(lambda x, t: model(x, t, jnp.zeros((x.shape[0],), bool)),
-                                     lambda x, t: model(x, t, jnp.ones((x.shape[0],), bool)), scale_g,
-                                     learned_variance=self.diffusion.learned_variance)
+            denoise = self._denoiser(params, rep(txt), rep(states), rep(valid), scale_g)
             shape = (b * k, self.clip_embed_dim)
-            if s.sampler == "ddim":
+            if sampler == "ddim":
                 x0 = D.sample_ddim(diff, denoise, shape, key, eta=float(s.eta))
-            else:
+            elif sampler == "ddpm":
                 x0 = D.sample_ddpm(diff, denoise, shape, key)
+            else:
+                x0 = D.sample_analytic(diff, denoise, shape, key, gamma=gamma, eta=float(s.eta))
             x0 = x0 / self.scale
             x0 = x0 * jax.lax.rsqrt(jnp.sum(x0 * x0, axis=-1, keepdims=True) + 1e-12)
             cand = x0.reshape(b, k, -1)
@@ -264,6 +285,13 @@ class PriorStage(Stage):
         embed_txt = jax.jit(self.clip_text)
         sampler = self.make_sampler()
         key = jax.random.key(cfg.seed + 1)
+        gamma = None
+        if cfg.sampling.sampler == "analytic":  # Gamma from real training pairs, not the test split
+            train_rows = pipeline.read_split(data_cfg, data_cfg.train_split, [data_cfg.image_key, data_cfg.text_key],
+                                             bs)
+            ti = embed_img(frozen, np.stack([r[data_cfg.image_key] for r in train_rows]))
+            tt, tst, tva = embed_txt(frozen, self.tokenizer.encode_batch([r[data_cfg.text_key] for r in train_rows]))
+            gamma = self.make_gamma_estimator()(params, ti, tt, tst, tva, jax.random.key(cfg.seed + 2))
         perm = np.random.default_rng(cfg.seed).permutation(len(records))
         img_e, txt_e, samp, samp_shuf = [], [], [], []
         for start in range(0, len(records), bs):
@@ -273,9 +301,10 @@ class PriorStage(Stage):
             img_e.append(np.asarray(embed_img(frozen, pad(images[sl])))[:n])
             t, st, va = embed_txt(frozen, pad(tokens[sl]))
             txt_e.append(np.asarray(t)[:n])
-            samp.append(np.asarray(sampler(params, t, st, va, jax.random.fold_in(key, start)))[:n])
+            samp.append(np.asarray(sampler(params, t, st, va, jax.random.fold_in(key, start), gamma))[:n])
             ts, sts, vas = embed_txt(frozen, pad(tokens[perm][sl]))
-            samp_shuf.append(np.asarray(sampler(params, ts, sts, vas, jax.random.fold_in(key, 10**6 + start)))[:n])
+            samp_shuf.append(np.asarray(sampler(params, ts, sts, vas, jax.random.fold_in(key, 10**6 + start),
+                                                gamma))[:n])
         img_e, txt_e = np.concatenate(img_e), np.concatenate(txt_e)
         samp, samp_shuf = np.concatenate(samp), np.concatenate(samp_shuf)
         cos = np.sum(samp * img_e, axis=1)
