@@ -30,6 +30,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     # near 1); "standardize" uses per-dimension mean/std measured on the training data (stats/).
     m.embedding_norm = "scale"
     m.embedding_scale = 0.0  # 0 = sqrt(embed_dim) of the frozen CLIP
+    m.stats_examples = 4096  # training records for the "standardize" statistics
     m.cond_drop_prob = 0.1  # caption tokens + text embedding dropped together, for guidance
 
     c.diffusion = ml_collections.ConfigDict()

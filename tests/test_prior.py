@@ -42,8 +42,13 @@ def test_prior_train_and_evaluate(shapes_data_dir, trained_clip, tmp_path):
     from dalle2_jax.training.trainer import train
 
     workdir = str(tmp_path / "prior")
-    out = train(small_prior_config(shapes_data_dir, trained_clip), workdir)
+    cfg = small_prior_config(shapes_data_dir, trained_clip, **{"model.embedding_norm": "standardize",
+                                                               "model.stats_examples": 64})
+    out = train(cfg, workdir)
     assert np.isfinite(out["train"]["loss"])
+    stats = json.load(open(os.path.join(workdir, "stats", "image_embedding_stats.json")))
+    assert stats["num_examples"] == 64 and len(stats["mean"]) == len(stats["std"]) == 128
+    assert min(stats["std"]) > 0
     assert os.path.exists(os.path.join(workdir, "tokenizer", "tokenizer_meta.json"))
     result = evaluate_workdir(workdir)
     for key in ("prior_cosine", "text_baseline_cosine", "shuffled_baseline_cosine", "image_retrieval_r1",

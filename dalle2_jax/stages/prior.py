@@ -87,8 +87,9 @@ class PriorStage(Stage):
             raise ConfigError("model.heads", f"width {m.width} is not divisible by {m.heads} heads")
         if m.act not in ACTIVATIONS:
             raise ConfigError("model.act", f"unknown activation {m.act!r}; use one of {ACTIVATIONS}")
-        if m.embedding_norm != "scale":
-            raise ConfigError("model.embedding_norm", f"unknown mode {m.embedding_norm!r}; use 'scale'")
+        if m.embedding_norm not in ("scale", "standardize"):
+            raise ConfigError("model.embedding_norm", f"unknown mode {m.embedding_norm!r}; use 'scale' or "
+                              "'standardize'")
         if not 0.0 <= m.cond_drop_prob < 1.0:
             raise ConfigError("model.cond_drop_prob", f"must be in [0, 1), got {m.cond_drop_prob}")
         d = config.diffusion
@@ -112,6 +113,60 @@ class PriorStage(Stage):
         if not os.path.exists(dst) and jax.process_index() == 0:
             shutil.copytree(src, dst)  # the prior's workdir carries the tokenizer it was trained with
         self.setup_model()
+        if self.config.model.embedding_norm == "standardize" and not os.path.exists(self._stats_path()):
+            self._compute_stats()
+        self._load_stats()
+
+    def _stats_path(self) -> str:
+        return os.path.join(self.workdir, "stats", "image_embedding_stats.json")
+
+    def _compute_stats(self) -> None:
+        """Per-dimension mean/std of the frozen CLIP's image embeddings over config.model.stats_examples
+        training records, written to <workdir>/stats/ (process 0)."""
+        import json
+
+        from jax.experimental import multihost_utils
+
+        if jax.process_index() == 0:
+            n = int(self.config.model.stats_examples)
+            if self.config.data.embeddings_dir:
+                it = iter(embedding_pipeline(self.config.data.embeddings_dir, self.config.data.train_split,
+                                             local_batch_size=min(n, 256), seed=0))
+                embs = np.concatenate([next(it)["image_emb"] for _ in range(max(1, n // min(n, 256)))])
+            else:
+                d = self.config.data
+                rows = pipeline.read_split(d, d.train_split, [d.image_key], n)
+                images = np.stack([r[d.image_key] for r in rows])
+                embed = jax.jit(self.clip_image)
+                embs = np.concatenate([np.asarray(embed(self.clip_params(), images[i: i + 256]))
+                                       for i in range(0, len(images), 256)])
+            os.makedirs(os.path.dirname(self._stats_path()), exist_ok=True)
+            with open(self._stats_path(), "w") as f:
+                json.dump({"num_examples": int(len(embs)), "mean": embs.mean(0).tolist(),
+                           "std": (embs.std(0) + 1e-6).tolist()}, f)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("prior_stats")
+
+    def _load_stats(self) -> None:
+        import json
+
+        if self.config.model.embedding_norm == "standardize":
+            with open(self._stats_path()) as f:
+                st = json.load(f)
+            self.emb_mean = np.asarray(st["mean"], np.float32)
+            self.emb_std = np.asarray(st["std"], np.float32)
+
+    def to_diffusion(self, img: jax.Array) -> jax.Array:
+        """Unit image embeddings [B, E] -> the diffusion's data space (scaled or standardised)."""
+        if self.config.model.embedding_norm == "standardize":
+            return (img - self.emb_mean) / self.emb_std
+        return img * self.scale
+
+    def from_diffusion(self, x: jax.Array) -> jax.Array:
+        """Inverse of to_diffusion, then unit-normalised: [B, E] -> [B, E]."""
+        if self.config.model.embedding_norm == "standardize":
+            x = x * self.emb_std + self.emb_mean
+        return x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + 1e-12)
 
     def setup_model(self) -> None:
         from dalle2_jax.training.checkpoint import read_config
@@ -126,6 +181,8 @@ class PriorStage(Stage):
             raise ConfigError("data.resolution", f"{self.config.data.resolution} differs from the CLIP's image size "
                               f"{clip_cfg.model.vision.image_size}")
         self._build_prior()
+        if os.path.exists(self._stats_path()):
+            self._load_stats()
 
     def _build_prior(self) -> None:
         m = self.config.model
@@ -207,7 +264,7 @@ class PriorStage(Stage):
         def model_fn(x_t, t_orig):
             return self.prior.apply(params, x_t, t_orig, txt * self.scale, states, valid, drop)
 
-        terms = D.training_losses(self.diffusion, model_fn, img * self.scale, t, noise)
+        terms = D.training_losses(self.diffusion, model_fn, self.to_diffusion(img), t, noise)
         loss = jnp.mean(terms["loss"])
         return loss, quartile_losses(terms["loss"], t, self.diffusion.num_steps)
 
@@ -234,7 +291,7 @@ class PriorStage(Stage):
 
         def estimate(params, img, txt, states, valid, key):
             denoise = self._denoiser(params, txt, states, valid, scale_g)
-            return D.estimate_analytic_gamma(diff, denoise, img * self.scale, key, estimator="mse")
+            return D.estimate_analytic_gamma(diff, denoise, self.to_diffusion(img), key, estimator="mse")
 
         return jax.jit(estimate)
 
@@ -260,9 +317,7 @@ class PriorStage(Stage):
                 x0 = D.sample_ddpm(diff, denoise, shape, key)
             else:
                 x0 = D.sample_analytic(diff, denoise, shape, key, gamma=gamma, eta=float(s.eta))
-            x0 = x0 / self.scale
-            x0 = x0 * jax.lax.rsqrt(jnp.sum(x0 * x0, axis=-1, keepdims=True) + 1e-12)
-            cand = x0.reshape(b, k, -1)
+            cand = self.from_diffusion(x0).reshape(b, k, -1)
             best = jnp.argmax(jnp.einsum("bke,be->bk", cand, txt), axis=1)
             return jnp.take_along_axis(cand, best[:, None, None], axis=1)[:, 0]
 
