@@ -16,7 +16,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.stage = "prior"
     c.clip_workdir = ""  # required: a CLIP workdir (trained or imported)
     m = c.model = ml_collections.ConfigDict()
-    m.width = 256
+    m.width = 128
     m.depth = 4
     m.heads = 4
     m.mlp_ratio = 4.0
@@ -32,6 +32,11 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     m.embedding_scale = 0.0  # 0 = sqrt(embed_dim) of the frozen CLIP
     m.stats_examples = 4096  # training records for the "standardize" statistics
     m.cond_drop_prob = 0.1  # caption tokens + text embedding dropped together, for guidance
+    # The CLIP's sizes, used only to count params without a CLIP workdir (tools.params); training reads
+    # them from config.clip_workdir. These match configs/clip.py:tiny.
+    m.clip_embed_dim = 128
+    m.clip_text_width = 128
+    m.clip_context_length = 20
 
     c.diffusion = ml_collections.ConfigDict()
     c.diffusion.schedule = "cosine"
@@ -82,6 +87,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         m.remat = "full"
         m.scan_layers = True
         m.embedding_scale = 17.2
+        m.clip_embed_dim, m.clip_text_width, m.clip_context_length = 1024, 1024, 77  # configs/clip.py:paper
         c.batch_size = 4096
         c.total_steps = 600_000
         c.optimizer.learning_rate = 1.1e-4

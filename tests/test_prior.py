@@ -56,6 +56,7 @@ def test_prior_train_and_evaluate(shapes_data_dir, trained_clip, tmp_path):
         assert key in result and np.isfinite(result[key]), key
         assert -1.0 <= result[key] <= 1.0
     assert result["num_examples"] == 32 and result["step"] == 4
+    assert result["sampling_seconds_per_embedding"] > 0
 
 
 def test_prior_sampling_is_seeded_and_picks_the_best_candidate(shapes_data_dir, trained_clip, tmp_path):

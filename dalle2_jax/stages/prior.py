@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from typing import Any
 
 import grain
@@ -197,9 +198,14 @@ class PriorStage(Stage):
 
     def abstract_init(self, rng: jax.Array) -> Any:
         m = self.config.model
-        self.clip_embed_dim = int(m.get("clip_embed_dim", 1024))
-        self.text_width = int(m.get("clip_text_width", 1024))
-        self.context_length = int(m.get("clip_context_length", 77))
+        if self.config.clip_workdir and os.path.exists(os.path.join(self.config.clip_workdir, "config.json")):
+            from dalle2_jax.training.checkpoint import read_config
+
+            clip_model = read_config(self.config.clip_workdir).model
+            dims = (clip_model.embed_dim, clip_model.text.width, clip_model.text.context_length)
+        else:
+            dims = (m.clip_embed_dim, m.clip_text_width, m.clip_context_length)
+        self.clip_embed_dim, self.text_width, self.context_length = (int(x) for x in dims)
         self._build_prior()
         return self.init_params(rng)
 
@@ -349,6 +355,7 @@ class PriorStage(Stage):
             gamma = self.make_gamma_estimator()(params, ti, tt, tst, tva, jax.random.key(cfg.seed + 2))
         perm = np.random.default_rng(cfg.seed).permutation(len(records))
         img_e, txt_e, samp, samp_shuf = [], [], [], []
+        sample_time, sampled = 0.0, 0
         for start in range(0, len(records), bs):
             sl = slice(start, start + bs)
             n = len(images[sl])
@@ -356,7 +363,12 @@ class PriorStage(Stage):
             img_e.append(np.asarray(embed_img(frozen, pad(images[sl])))[:n])
             t, st, va = embed_txt(frozen, pad(tokens[sl]))
             txt_e.append(np.asarray(t)[:n])
+            if start == 0:  # compile outside the timing
+                jax.block_until_ready(sampler(params, t, st, va, key, gamma))
+            t0 = time.perf_counter()
             samp.append(np.asarray(sampler(params, t, st, va, jax.random.fold_in(key, start), gamma))[:n])
+            sample_time += time.perf_counter() - t0
+            sampled += bs
             ts, sts, vas = embed_txt(frozen, pad(tokens[perm][sl]))
             samp_shuf.append(np.asarray(sampler(params, ts, sts, vas, jax.random.fold_in(key, 10**6 + start),
                                                 gamma))[:n])
@@ -369,6 +381,8 @@ class PriorStage(Stage):
             "text_baseline_cosine": float(np.sum(txt_e * img_e, axis=1).mean()),
             "shuffled_baseline_cosine": float(np.sum(samp_shuf * img_e, axis=1).mean()),
             "image_retrieval_r1": float(np.mean(np.argmax(samp @ img_e.T, axis=1) == np.arange(len(records)))),
+            # wall time of guided sampling incl. all candidates, per kept embedding, batch eval.batch_size
+            "sampling_seconds_per_embedding": sample_time / max(sampled, 1),
         }
         if has_scene:
             from dalle2_jax.data import scenes as S
