@@ -34,12 +34,7 @@ def small_config(data_dir: str, **overrides):
     c.checkpoint_every = 2
     c.optimizer.warmup_steps = 1
     c.eval.batch_size = 64
-    for k, v in overrides.items():
-        node = c
-        *path, last = k.split(".")
-        for p in path:
-            node = node[p]
-        node[last] = v
+    c.update_from_flattened_dict(overrides)
     return c
 
 
@@ -84,10 +79,5 @@ def small_prior_config(data_dir: str, clip_workdir: str, **overrides):
     c.sampling.steps = 2
     c.eval.batch_size = 32
     c.eval.max_examples = 32
-    for k, v in overrides.items():
-        node = c
-        *path, last = k.split(".")
-        for p in path:
-            node = node[p]
-        node[last] = v
+    c.update_from_flattened_dict(overrides)
     return c

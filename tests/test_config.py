@@ -10,12 +10,7 @@ from dalle2_jax.training.config import ConfigError, validate_config
 
 def _cfg(**kw):
     c = get_config("tiny")
-    for k, v in kw.items():
-        node = c
-        *path, last = k.split(".")
-        for p in path:
-            node = node[p]
-        node[last] = v
+    c.update_from_flattened_dict(kw)
     return c
 
 

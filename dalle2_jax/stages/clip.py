@@ -55,6 +55,7 @@ class ClipStage(Stage):
         super().__init__(config, workdir)
         self.tokenizer = None
         self.model = None
+        self._embed_jits = None
 
     @classmethod
     def validate(cls, config) -> None:
@@ -141,15 +142,12 @@ class ClipStage(Stage):
     # --- evaluation -----------------------------------------------------------------------------------
     def embed_fns(self, mesh):
         """Jitted (params, images uint8 [b,R,R,3]) -> unit image embeddings and (params, tokens) -> text."""
-        model = self.model
-
-        @jax.jit
-        def embed_images(params, images):
-            return model.apply(params, images.astype(jnp.float32) / 255.0, method=model.encode_image)
-
-        @jax.jit
-        def embed_texts(params, tokens):
-            return model.apply(params, tokens, method=model.encode_text)
+        if self._embed_jits is None:  # built once: periodic evaluations reuse the compiled functions
+            model = self.model
+            self._embed_jits = (
+                jax.jit(lambda p, x: model.apply(p, x.astype(jnp.float32) / 255.0, method=model.encode_image)),
+                jax.jit(lambda p, t: model.apply(p, t, method=model.encode_text)))
+        embed_images, embed_texts = self._embed_jits
 
         bs = int(self.config.eval.batch_size)
         data_size = mesh.shape["data"] * mesh.shape["fsdp"]

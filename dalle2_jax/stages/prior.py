@@ -75,6 +75,7 @@ class PriorStage(Stage):
         super().__init__(config, workdir)
         self.clip = self.prior = self.tokenizer = self.diffusion = None
         self._frozen = None
+        self._eval_jits = None
 
     @classmethod
     def validate(cls, config) -> None:
@@ -342,9 +343,9 @@ class PriorStage(Stage):
         images = np.stack([r[data_cfg.image_key] for r in records])
         tokens = self.tokenizer.encode_batch([r[data_cfg.text_key] for r in records])
         bs = int(cfg.eval.batch_size)
-        embed_img = jax.jit(self.clip_image)
-        embed_txt = jax.jit(self.clip_text)
-        sampler = self.make_sampler()
+        if self._eval_jits is None:  # built once: periodic evaluations reuse the compiled functions
+            self._eval_jits = (jax.jit(self.clip_image), jax.jit(self.clip_text), self.make_sampler())
+        embed_img, embed_txt, sampler = self._eval_jits
         key = jax.random.key(cfg.seed + 1)
         gamma = None
         if cfg.sampling.sampler == "analytic":  # Gamma from real training pairs, not the test split
