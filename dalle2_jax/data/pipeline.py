@@ -183,3 +183,57 @@ def all_captions(data_cfg, split: str, max_examples: int = 0) -> list[str]:
     for start in range(0, n, 1024):
         out += [_as_text(r[data_cfg.text_key]) for r in source.__getitems__(list(range(start, min(n, start + 1024))))]
     return out
+
+
+class DegradeAndCrop(grain.transforms.RandomMap):
+    """TFDS record -> {'high': uint8 [c, c, 3], 'low': uint8 [c/f, c/f, 3]} for the upsampler stages.
+
+    The high-res target is decoded at `resolution`; the low-res input is the stored low-res render
+    (`low_res_key`) or, without one, the target downsampled by the factor f. The low-res image is corrupted
+    (`degradation`: blur | bsr | none) with this example's generator, then a crop of side c (`crop_size`,
+    0 = full size) is taken at the same place in both (offsets on the low-res pixel grid).
+    """
+
+    def __init__(self, data_cfg, degradation: str, blur_sigma: float, blur_size: int, bsr_strength: float):
+        self.image_key, self.low_res_key = data_cfg.image_key, data_cfg.low_res_key
+        self.resolution, self.low_res = int(data_cfg.resolution), int(data_cfg.low_res_resolution)
+        self.crop = int(data_cfg.crop_size) or self.resolution
+        self.degradation, self.blur_sigma, self.blur_size = degradation, blur_sigma, blur_size
+        self.bsr_strength = bsr_strength
+
+    def random_map(self, record: dict, rng: np.random.Generator) -> dict:
+        from dalle2_jax.data import degradations as G
+
+        f = self.resolution // self.low_res
+        high = decode_image(record[self.image_key], self.resolution)
+        low = (decode_image(record[self.low_res_key], self.low_res) if self.low_res_key
+               else G.downsample(high, f))
+        if self.degradation == "blur":
+            low = G.gaussian_blur(low, self.blur_sigma, self.blur_size)
+        elif self.degradation == "bsr":
+            low = G.bsr_degrade(low, rng, strength=self.bsr_strength)
+        lc = self.crop // f
+        y, x = (int(v) for v in rng.integers(0, self.low_res - lc + 1, size=2))
+        return {"high": high[y * f: y * f + self.crop, x * f: x * f + self.crop],
+                "low": low[y: y + lc, x: x + lc]}
+
+
+def upsampler_pipeline(data_cfg, split: str, *, local_batch_size: int, seed: int, degradation: str = "blur",
+                       blur_sigma: float = 0.6, blur_size: int = 3, bsr_strength: float = 1.0,
+                       process_index: int = 0, process_count: int = 1,
+                       num_workers: int | None = None) -> grain.IterDataset:
+    """Endless batches {'high': uint8 [b, c, c, 3], 'low': uint8 [b, c/f, c/f, 3]} (see DegradeAndCrop),
+    this process's stride of the records, shuffled and corrupted deterministically from `seed`."""
+    keys = tuple(k for k in (data_cfg.image_key, data_cfg.low_res_key) if k)
+    source = open_source(data_cfg, split, skip_decoding=keys)
+    ds = grain.MapDataset.source(source)
+    if process_count > 1:
+        ds = ds[process_index::process_count]
+    ds = ds.seed(seed).shuffle().repeat(None)
+    ds = ds.random_map(DegradeAndCrop(data_cfg, degradation, blur_sigma, blur_size, bsr_strength))
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=int(data_cfg.read_threads), prefetch_buffer_size=64))
+    it = it.batch(local_batch_size, drop_remainder=True)
+    workers = int(data_cfg.num_workers) if num_workers is None else num_workers
+    if workers > 0:
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+    return it

@@ -7,6 +7,8 @@ import importlib
 STAGES = {
     "clip": "dalle2_jax.stages.clip:ClipStage",
     "prior": "dalle2_jax.stages.prior:PriorStage",
+    "decoder": "dalle2_jax.stages.decoder:DecoderStage",
+    "upsampler": "dalle2_jax.stages.upsampler:UpsamplerStage",
 }
 
 

@@ -192,34 +192,46 @@ class ClipStage(Stage):
         metrics["caption_retrieval_r1"] = float(np.mean(pred == np.arange(len(uniq))))
         metrics["num_distinct_captions"] = len(uniq)
         if has_scene:
-            metrics.update(self._zero_shot(params, records, img_emb, embed_texts))
+            metrics.update(zero_shot_attributes([r["scene"] for r in records], img_emb,
+                                                lambda toks: embed_texts(params, toks), self.tokenizer))
         return metrics
 
-    def _zero_shot(self, params, records, img_emb, embed_texts) -> dict:
-        from dalle2_jax.data import scenes as S
 
-        scenes_ = [S.decode_scene(r["scene"]) for r in records]
-        single = [i for i, s in enumerate(scenes_) if len(s["objects"]) == 1]
-        attrs = {"color": list(S.COLORS), "shape": list(S.SHAPES)}
-        prompts: dict[str, int] = {}
-        candidates = {a: [] for a in attrs}  # per attribute: per single scene, list of prompt ids
-        for i in single:
-            for a, values in attrs.items():
-                ids = []
-                for v in values:
-                    s = copy.deepcopy(scenes_[i])
-                    s["objects"][0][a] = v
-                    ids.append(prompts.setdefault(S.scene_caption(s), len(prompts)))
-                candidates[a].append(ids)
-        txt = embed_texts(params, self.tokenizer.encode_batch(list(prompts)))
-        heldout = np.array([S.is_heldout(scenes_[i]["objects"][0]["color"], scenes_[i]["objects"][0]["shape"])
-                            for i in single], bool)
-        out = {"num_single_object": len(single), "num_heldout": int(heldout.sum())}
+def zero_shot_attributes(scenes: list, image_emb: np.ndarray, embed_tokens, tokenizer) -> dict:
+    """Zero-shot color/shape accuracy of image embeddings against the scene labels (built-in data set).
+
+    scenes: encoded scenes (the data set's `scene` feature), one per row of image_emb [N, E] (unit norm);
+    embed_tokens(tokens [n, L]) -> text embeddings [n, E]. For each single-object scene and attribute,
+    the candidates are the scene's own caption with that attribute swapped through all values.
+    Returns zero_shot_{color,shape}_acc, heldout_{color,shape}_acc, num_single_object, num_heldout.
+    """
+    from dalle2_jax.data import scenes as S
+
+    scenes_ = [S.decode_scene(s) for s in scenes]
+    single = [i for i, s in enumerate(scenes_) if len(s["objects"]) == 1]
+    attrs = {"color": list(S.COLORS), "shape": list(S.SHAPES)}
+    prompts: dict[str, int] = {}
+    candidates = {a: [] for a in attrs}  # per attribute: per single scene, list of prompt ids
+    for i in single:
         for a, values in attrs.items():
-            cand = np.array(candidates[a])  # [n, len(values)]
-            scores = np.einsum("ne,nke->nk", img_emb[single], txt[cand])
-            truth = np.array([values.index(scenes_[i]["objects"][0][a]) for i in single])
-            correct = np.argmax(scores, axis=1) == truth
-            out[f"zero_shot_{a}_acc"] = float(correct.mean()) if len(correct) else float("nan")
-            out[f"heldout_{a}_acc"] = float(correct[heldout].mean()) if heldout.any() else float("nan")
-        return out
+            ids = []
+            for v in values:
+                s = copy.deepcopy(scenes_[i])
+                s["objects"][0][a] = v
+                ids.append(prompts.setdefault(S.scene_caption(s), len(prompts)))
+            candidates[a].append(ids)
+    txt = np.asarray(embed_tokens(tokenizer.encode_batch(list(prompts)))) if prompts else None
+    heldout = np.array([S.is_heldout(scenes_[i]["objects"][0]["color"], scenes_[i]["objects"][0]["shape"])
+                        for i in single], bool)
+    out = {"num_single_object": len(single), "num_heldout": int(heldout.sum())}
+    for a, values in attrs.items():
+        if not single:
+            out[f"zero_shot_{a}_acc"] = out[f"heldout_{a}_acc"] = float("nan")
+            continue
+        cand = np.array(candidates[a])  # [n, len(values)]
+        scores = np.einsum("ne,nke->nk", image_emb[single], txt[cand])
+        truth = np.array([values.index(scenes_[i]["objects"][0][a]) for i in single])
+        correct = np.argmax(scores, axis=1) == truth
+        out[f"zero_shot_{a}_acc"] = float(correct.mean())
+        out[f"heldout_{a}_acc"] = float(correct[heldout].mean()) if heldout.any() else float("nan")
+    return out

@@ -124,13 +124,31 @@ def _write_config(config, workdir: str) -> None:
             f.write(config_to_json(config))
 
 
+def write_sample_grids(workdir: str, step: int, images: dict, writer: MetricWriter | None) -> list[str]:
+    """Writes each uint8 [H, W, 3] grid as <workdir>/samples/<name>_<step>.png and to TensorBoard."""
+    from PIL import Image
+
+    os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
+    paths = []
+    for name, grid in images.items():
+        path = os.path.join(workdir, "samples", f"{name}_{step}.png")
+        Image.fromarray(np.asarray(grid, np.uint8)).save(path)
+        paths.append(path)
+        if writer is not None:
+            writer.image(step, f"samples/{name}", np.asarray(grid, np.uint8))
+    return paths
+
+
 def evaluate_and_report(run: Run, params: Any, step: int, params_kind: str, writer: MetricWriter | None) -> dict:
     """Runs the stage's evaluation and writes reports/eval_<step>.json and TensorBoard scalars."""
     t0 = time.time()
-    metrics = run.stage.evaluate(params, run.mesh)
+    metrics = dict(run.stage.evaluate(params, run.mesh))
+    images = metrics.pop("images", {})  # {name: uint8 [H, W, 3]} sample grids, if the stage makes any
     result = {"step": int(step), "params": params_kind, **metrics}
     result.setdefault("num_examples", 0)
     if jax.process_index() == 0:
+        if images:
+            result["sample_files"] = write_sample_grids(run.workdir, step, images, writer)
         ckpt.write_json(os.path.join(run.workdir, "reports", f"eval_{step}.json"), result)
         if writer is not None:
             writer.scalars(step, {f"eval/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})

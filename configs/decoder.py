@@ -1,0 +1,123 @@
+"""Decoder configs (64x64 GLIDE-style UNet conditioned on the CLIP image embedding): `tiny` (2 CPU cores),
+`base`, `paper` (DALL-E 2 appendix C: 3.5B with its caption transformer).
+
+Use: `python -m dalle2_jax.train --config configs/decoder.py:tiny --workdir DIR --config.clip_workdir=CLIP_DIR`.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from dalle2_jax.training.config import base_config
+
+
+def unet_model_config() -> ml_collections.ConfigDict:
+    """The UNet keys shared by the decoder and the upsamplers (models/unet.py)."""
+    m = ml_collections.ConfigDict()
+    m.channels = 16  # model channels at the first level
+    m.num_res_blocks = 1
+    m.channel_mult = (1, 2, 4)
+    m.attention_resolutions = (16,)  # feature-map sizes (pixels, at data.resolution) with self-attention
+    m.head_channels = 32
+    m.dropout = 0.0
+    m.scale_shift = True  # AdaGN timestep conditioning (False: added before the second norm)
+    m.resblock_updown = True  # BigGAN-style residual up/down blocks (False: strided conv / nearest + conv)
+    m.groups = 32  # GroupNorm groups (fewer when the channels are not divisible)
+    m.dtype = "float32"
+    m.remat = "none"  # none | full | dots_saveable | dots_with_no_batch_dims_saveable
+    return m
+
+
+def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
+    """The decoder config variant `arg` (tiny | base | paper)."""
+    c = base_config()
+    c.stage = "decoder"
+    c.clip_workdir = ""  # required: a CLIP workdir (trained or imported)
+    m = c.model = unet_model_config()
+    m.dropout = 0.1
+    m.image_tokens = 4  # extra context tokens projected from the CLIP image embedding
+    m.normalize_embedding = True  # unit-normalise the CLIP image embedding before conditioning
+    m.image_drop_prob = 0.1  # for classifier-free guidance (a learned null embedding replaces it)
+    m.caption_drop_prob = 0.5  # an all-padding caption replaces it
+    # The caption transformer (GLIDE): depth 0 = no caption conditioning. Tokens come from the CLIP's
+    # tokenizer, padded to caption_context_length (0 = the CLIP's context length).
+    m.caption_width = 64
+    m.caption_depth = 1
+    m.caption_heads = 2
+    m.caption_context_length = 0
+    # The CLIP's sizes, used only to count params without a CLIP workdir (tools.params); training reads
+    # them from config.clip_workdir. These match configs/clip.py:tiny.
+    m.clip_embed_dim = 128
+    m.clip_vocab_size = 512
+    m.clip_context_length = 20
+
+    c.diffusion = ml_collections.ConfigDict()
+    c.diffusion.schedule = "cosine"
+    c.diffusion.num_steps = 1000
+    c.diffusion.model_output = "eps"
+    c.diffusion.learned_variance = True  # Improved-DDPM hybrid loss; the sampler uses the learned variance
+
+    c.sampling = ml_collections.ConfigDict()
+    c.sampling.sampler = "ddpm"  # ddpm (learned variance, as the paper) | ddim
+    c.sampling.steps = 25
+    c.sampling.guidance_scale = 3.0  # on both conditions (image embedding and caption) together
+    c.sampling.eta = 0.0  # ddim only
+    c.sampling.clip_x0 = True  # clip predicted x0 to [-1, 1]
+
+    c.batch_size = 16
+    c.optimizer.learning_rate = 1e-3
+    c.optimizer.warmup_steps = 100
+    c.optimizer.b2 = 0.999
+    c.optimizer.eps = 1e-8
+    c.optimizer.weight_decay = 0.0
+    c.optimizer.ema_decay = 0.995
+    c.eval.batch_size = 128
+    c.eval.max_examples = 256
+    c.eval.grid_size = 16  # samples in the PNG / TensorBoard grid
+    c.data.embeddings_dir = ""  # take image embeddings from `python -m dalle2_jax.tools.embed` output
+
+    if arg == "tiny":
+        c.total_steps = 1000
+        c.log_every = 50
+        c.eval_every = 0  # at the end only: sampling is the slow part on CPU
+        c.checkpoint_every = 250
+        c.eval.max_examples = 128
+    elif arg == "base":
+        m.channels, m.num_res_blocks, m.channel_mult = 192, 3, (1, 2, 3, 4)
+        m.attention_resolutions, m.head_channels = (32, 16, 8), 64
+        m.caption_width, m.caption_depth, m.caption_heads = 512, 8, 8
+        m.dtype = "bfloat16"
+        c.batch_size = 256
+        c.total_steps = 200_000
+        c.optimizer.learning_rate = 1.2e-4
+        c.optimizer.warmup_steps = 2000
+        c.optimizer.ema_decay = 0.9999
+        c.sampling.steps = 100
+        c.log_every = 100
+        c.eval_every = 10_000
+        c.checkpoint_every = 2000
+    elif arg == "paper":
+        # DALL-E 2 appendix C (the 64x64 decoder, 3.5B): 512 channels, 3 res blocks, mults 1,2,3,4, 64
+        # channels per head, attention at 32/16/8; caption transformer context 256, width 2048, 24 layers,
+        # 32 heads; dropout 0.1; learned sigma; cosine schedule, 1000 steps, 250 sampling steps;
+        # Adam lr 1.2e-4, beta2 0.999, eps 1e-8, EMA 0.9999, batch 2048, 800K iterations.
+        m.channels, m.num_res_blocks, m.channel_mult = 512, 3, (1, 2, 3, 4)
+        m.attention_resolutions, m.head_channels = (32, 16, 8), 64
+        m.caption_width, m.caption_depth, m.caption_heads, m.caption_context_length = 2048, 24, 32, 256
+        m.dtype = "bfloat16"
+        m.remat = "full"
+        m.clip_embed_dim, m.clip_vocab_size, m.clip_context_length = 1024, 49408, 77  # configs/clip.py:paper
+        c.batch_size = 2048
+        c.total_steps = 800_000
+        c.optimizer.learning_rate = 1.2e-4
+        c.optimizer.warmup_steps = 10_000
+        c.optimizer.ema_decay = 0.9999
+        c.sampling.steps = 250
+        c.log_every = 100
+        c.eval_every = 10_000
+        c.checkpoint_every = 2000
+        c.data.name = ""  # set to your prepared image-text TFDS data set
+        c.data.image_key = "image"
+    else:
+        raise ValueError(f"unknown decoder config {arg!r}; use tiny, base or paper")
+    return c

@@ -1,0 +1,270 @@
+"""The decoder stage: a 64x64 GLIDE-style UNet conditioned on the frozen CLIP's image embedding (and caption).
+
+The image embedding is projected into the timestep embedding and into `model.image_tokens` extra context
+tokens beside the caption transformer's tokens. For classifier-free guidance the embedding is dropped
+(`model.image_drop_prob`, 10%: a learned null embedding) and the caption (`model.caption_drop_prob`, 50%: an
+all-padding caption) independently. The frozen CLIP (config.clip_workdir) embeds the training images in the
+jitted step, or the embeddings come from the embed tool's files (`data.embeddings_dir`). Evaluation samples
+images from test-image embeddings and scores them with the frozen CLIP.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from typing import Any
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dalle2_jax import diffusion as D
+from dalle2_jax.data import pipeline
+from dalle2_jax.models.clip import build_clip
+from dalle2_jax.models.unet import UNet
+from dalle2_jax.stages.image_diffusion import (ImageDiffusionStage, image_grid, run_batched, to_model_space,
+                                               to_uint8)
+from dalle2_jax.text import load_tokenizer
+from dalle2_jax.training.config import ConfigError
+
+TOKENIZER_DIR = "tokenizer"
+
+
+class _JoinImage(grain.transforms.Map):
+    """An embed-tool record -> {'image' uint8 [R, R, 3], 'image_emb' [E], 'tokens' [L]}: the image is read
+    from the data set at the record's `index` (the source is opened lazily, once per worker)."""
+
+    def __init__(self, data_cfg, split: str):
+        self.data_cfg, self.split = data_cfg, split
+        self._source = None
+
+    def __getstate__(self):
+        return {"data_cfg": self.data_cfg, "split": self.split, "_source": None}
+
+    def map(self, data: bytes) -> dict:
+        from dalle2_jax.tools.embed import deserialize
+
+        if self._source is None:
+            self._source = pipeline.open_source(self.data_cfg, self.split, skip_decoding=(self.data_cfg.image_key,))
+        r = deserialize(data)
+        rec = self._source[int(r["index"])]
+        return {"image": pipeline.decode_image(rec[self.data_cfg.image_key], int(self.data_cfg.resolution)),
+                "image_emb": np.asarray(r["image_emb"], np.float32), "tokens": np.asarray(r["tokens"], np.int32)}
+
+
+class DecoderStage(ImageDiffusionStage):
+    """Trains the 64x64 decoder against a frozen CLIP."""
+
+    name = "decoder"
+
+    def __init__(self, config, workdir: str):
+        super().__init__(config, workdir)
+        self.clip = self.tokenizer = None
+        self._frozen = None
+
+    @classmethod
+    def validate(cls, config) -> None:
+        if not config.clip_workdir:
+            raise ConfigError("clip_workdir", "is empty; point it at a trained or imported CLIP workdir")
+        if not os.path.exists(os.path.join(config.clip_workdir, "config.json")):
+            raise ConfigError("clip_workdir", f"{config.clip_workdir!r} is not a CLIP workdir (no config.json); "
+                              "train one with configs/clip.py first")
+        cls.validate_unet(config)
+        m = config.model
+        for key in ("image_drop_prob", "caption_drop_prob"):
+            if not 0.0 <= m[key] < 1.0:
+                raise ConfigError(f"model.{key}", f"must be in [0, 1), got {m[key]}")
+        if m.image_tokens < 0:
+            raise ConfigError("model.image_tokens", f"must be >= 0, got {m.image_tokens}")
+        if m.caption_depth < 0:
+            raise ConfigError("model.caption_depth", f"must be >= 0 (0 = no caption transformer), got "
+                              f"{m.caption_depth}")
+        if m.caption_depth and (m.caption_width <= 0 or m.caption_width % m.caption_heads):
+            raise ConfigError("model.caption_heads", f"caption_width {m.caption_width} must be positive and "
+                              f"divisible by caption_heads {m.caption_heads}")
+        if config.data.embeddings_dir and not m.normalize_embedding:
+            raise ConfigError("model.normalize_embedding", "the embed tool stores unit-norm image embeddings; "
+                              "set it to True or train without data.embeddings_dir")
+        if config.sampling.guidance_scale < 0:
+            raise ConfigError("sampling.guidance_scale", f"must be >= 0, got {config.sampling.guidance_scale}")
+
+    # --- set-up ---------------------------------------------------------------------------------------
+    def prepare(self) -> None:
+        pipeline.prepare_dataset(self.config.data)
+        src = os.path.join(self.config.clip_workdir, TOKENIZER_DIR)
+        dst = os.path.join(self.workdir, TOKENIZER_DIR)
+        if not os.path.exists(dst) and jax.process_index() == 0:
+            shutil.copytree(src, dst)  # the decoder's workdir carries the tokenizer its captions use
+        self.setup_model()
+
+    def setup_model(self) -> None:
+        from dalle2_jax.training.checkpoint import read_config
+
+        m = self.config.model
+        if self.config.clip_workdir and os.path.exists(os.path.join(self.config.clip_workdir, "config.json")):
+            clip_cfg = read_config(self.config.clip_workdir)
+            self.tokenizer = load_tokenizer(os.path.join(self.config.clip_workdir, TOKENIZER_DIR))
+            self.clip = build_clip(clip_cfg.model, self.tokenizer.eot_id)
+            dims = (clip_cfg.model.embed_dim, self.tokenizer.vocab_size, clip_cfg.model.text.context_length)
+            if self.config.data.resolution != clip_cfg.model.vision.image_size:
+                raise ConfigError("data.resolution", f"{self.config.data.resolution} differs from the CLIP's image "
+                                  f"size {clip_cfg.model.vision.image_size}")
+            self.pad_id = int(self.tokenizer.pad_id)
+        else:  # parameter counting without a CLIP workdir (tools.params)
+            dims = (m.clip_embed_dim, m.clip_vocab_size, m.clip_context_length)
+            self.pad_id = 0
+        self.embed_dim, self.vocab_size, self.clip_context = (int(x) for x in dims)
+        self.context_length = int(m.caption_context_length) or self.clip_context
+        if self.context_length < self.clip_context:
+            raise ConfigError("model.caption_context_length", f"{self.context_length} is shorter than the CLIP "
+                              f"tokenizer's context {self.clip_context}")
+        self.unet = UNet(**self.unet_kwargs(), out_channels=3, image_embed_dim=self.embed_dim,
+                         image_tokens=int(m.image_tokens), caption_vocab_size=self.vocab_size,
+                         caption_context_length=self.context_length, caption_width=int(m.caption_width),
+                         caption_depth=int(m.caption_depth), caption_heads=int(m.caption_heads),
+                         caption_pad_id=self.pad_id)
+        self.build_diffusion()
+
+    def init_params(self, rng: jax.Array) -> Any:
+        r = int(self.config.data.resolution)
+        return self.unet.init(rng, jnp.zeros((1, r, r, 3)), jnp.zeros((1,), jnp.int32),
+                              image_emb=jnp.zeros((1, self.embed_dim)), tokens=self.caption_tokens(
+                                  jnp.zeros((1, self.clip_context), jnp.int32)))
+
+    def clip_params(self) -> Any:
+        """The frozen CLIP's (EMA) params, loaded once."""
+        from dalle2_jax.training.checkpoint import load_params
+
+        if self._frozen is None:
+            _, self._frozen, _ = load_params(self.config.clip_workdir)
+        return self._frozen
+
+    def load_frozen(self) -> Any:
+        return None if self.config.data.embeddings_dir else self.clip_params()
+
+    def train_iterator(self, local_batch_size: int, process_index: int, process_count: int):
+        d = self.config.data
+        if d.embeddings_dir:
+            from dalle2_jax.tools.embed import embedding_files
+
+            ds = grain.MapDataset.source(grain.sources.ArrayRecordDataSource(embedding_files(d.embeddings_dir,
+                                                                                             d.train_split)))
+            if process_count > 1:
+                ds = ds[process_index::process_count]
+            ds = ds.seed(self.config.seed).shuffle().repeat(None).map(_JoinImage(d, d.train_split))
+            it = ds.to_iter_dataset(grain.ReadOptions(num_threads=int(d.read_threads), prefetch_buffer_size=64))
+            it = it.batch(local_batch_size, drop_remainder=True)
+            if int(d.num_workers) > 0:
+                it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(d.num_workers)))
+            return it
+        return pipeline.image_text_pipeline(
+            d, d.train_split, tokenizer_dir=os.path.join(self.workdir, TOKENIZER_DIR),
+            local_batch_size=local_batch_size, seed=self.config.seed, process_index=process_index,
+            process_count=process_count)
+
+    # --- conditioning and the step ----------------------------------------------------------------------
+    def caption_tokens(self, tokens: jax.Array) -> jax.Array:
+        """CLIP tokenizer ids [B, L_clip] -> [B, caption context], right-padded with the pad id."""
+        extra = self.context_length - tokens.shape[1]
+        return jnp.pad(tokens, ((0, 0), (0, extra)), constant_values=self.pad_id) if extra else tokens
+
+    def clip_image(self, clip_params: Any, images_uint8: jax.Array, normalize: bool = True) -> jax.Array:
+        """uint8 images [B, R, R, 3] -> CLIP image embeddings [B, E] (unit norm if `normalize`)."""
+        emb = self.clip.apply(clip_params, images_uint8.astype(jnp.float32) / 255.0, normalize,
+                              method=self.clip.encode_image)
+        return jax.lax.stop_gradient(emb.astype(jnp.float32))
+
+    def conditioning_embedding(self, clip_params: Any, images_uint8: jax.Array) -> jax.Array:
+        """The embedding the decoder is conditioned on: unit-norm or raw by model.normalize_embedding."""
+        return self.clip_image(clip_params, images_uint8, bool(self.config.model.normalize_embedding))
+
+    def loss(self, params: Any, batch: dict, rng: jax.Array, frozen: Any) -> tuple[jax.Array, dict]:
+        m = self.config.model
+        images = batch["image"]
+        emb = batch["image_emb"] if "image_emb" in batch else self.conditioning_embedding(frozen, images)
+        tokens = self.caption_tokens(batch["tokens"])
+        b = images.shape[0]
+        k_img, k_txt, k_drop, k_diff = jax.random.split(rng, 4)
+        drop_image = jax.random.bernoulli(k_img, m.image_drop_prob, (b,))
+        drop_text = jax.random.bernoulli(k_txt, m.caption_drop_prob, (b,))
+
+        def model_fn(x_t, t):
+            return self.unet.apply(params, x_t, t, image_emb=emb, tokens=tokens, drop_image=drop_image,
+                                   drop_text=drop_text, train=True, rngs={"dropout": k_drop})
+
+        return self.diffusion_loss(model_fn, to_model_space(images), k_diff)
+
+    # --- sampling and evaluation ----------------------------------------------------------------------
+    def guided_denoiser(self, params: Any, image_emb: jax.Array, tokens: jax.Array, guidance_scale: float):
+        """denoise_fn(x_t, t) with classifier-free guidance: conditional (embedding + caption) against
+        unconditional (null embedding, empty caption), one model call on the doubled batch."""
+        tokens = self.caption_tokens(tokens)
+
+        def model_fn(x, t, drop):
+            rep = lambda a: jnp.concatenate([a, a]) if x.shape[0] != a.shape[0] else a  # noqa: E731
+            return self.unet.apply(params, x, t, image_emb=rep(image_emb), tokens=rep(tokens), drop_image=drop,
+                                   drop_text=drop)
+
+        return D.cfg_denoiser_batched(model_fn, guidance_scale,
+                                      learned_variance=bool(self.config.diffusion.learned_variance))
+
+    def make_sampler(self, steps: int | None = None, guidance_scale: float | None = None,
+                     sampler: str | None = None, eta: float | None = None):
+        """A jitted (params, image_emb [B, E], tokens [B, L], key) -> uint8 images [B, R, R, 3]: guided
+        sampling (DDPM with the learned variance, or DDIM) from given image embeddings and captions."""
+        scale = float(self.config.sampling.guidance_scale if guidance_scale is None else guidance_scale)
+        r = int(self.config.data.resolution)
+
+        def sample(params, image_emb, tokens, key):
+            denoise = self.guided_denoiser(params, image_emb, tokens, scale)
+            x = self.run_sampler(denoise, (image_emb.shape[0], r, r, 3), key, steps, sampler, eta)
+            return to_uint8(x)
+
+        return jax.jit(sample)
+
+    def evaluate(self, params: Any, mesh) -> dict:
+        """Samples 64x64 images from test-image embeddings (with their captions) and reports the frozen
+        CLIP's cosine between each sample's embedding and the conditioning embedding (clip_cosine; a
+        shuffled pairing as the baseline) and the zero-shot color/shape accuracy of the samples against
+        the scene labels (next to the same accuracy on the real test images)."""
+        from dalle2_jax.stages.clip import zero_shot_attributes
+
+        cfg, d = self.config, self.config.data
+        frozen = self.clip_params()
+        source = pipeline.open_source(d, d.eval_split, skip_decoding=(d.image_key,))
+        has_scene = "scene" in source[0]
+        keys = [d.image_key, d.text_key] + (["scene"] if has_scene else [])
+        records = pipeline.read_split(d, d.eval_split, keys, int(cfg.eval.max_examples))
+        images = np.stack([r[d.image_key] for r in records])
+        tokens = self.tokenizer.encode_batch([r[d.text_key] for r in records])
+        if not self._eval_jits:  # built once: periodic evaluations reuse the compiled functions
+            self._eval_jits = {
+                "cond": jax.jit(self.conditioning_embedding), "unit": jax.jit(self.clip_image),
+                "text": jax.jit(lambda p, t: self.clip.apply(p, t, method=self.clip.encode_text)),
+                "sample": self.make_sampler()}
+        j = self._eval_jits
+        bs = int(cfg.eval.batch_size)
+        key = jax.random.key(cfg.seed + 1)
+        real_unit = run_batched(lambda x, i: j["unit"](frozen, x), bs, images)
+        samples = run_batched(lambda x, t, i: j["sample"](params, j["cond"](frozen, x), t, jax.random.fold_in(key, i)),
+                              bs, images, tokens)
+        samp_unit = run_batched(lambda x, i: j["unit"](frozen, x), bs, samples)
+        perm = np.roll(np.arange(len(records)), 1)
+        out: dict[str, Any] = {
+            "num_examples": len(records),
+            "clip_cosine": float(np.mean(np.sum(samp_unit * real_unit, axis=1))),
+            "shuffled_clip_cosine": float(np.mean(np.sum(samp_unit * real_unit[perm], axis=1))),
+        }
+        if has_scene:
+            embed_text = lambda t: np.asarray(j["text"](frozen, t))  # noqa: E731
+            scenes = [r["scene"] for r in records]
+            zs = zero_shot_attributes(scenes, samp_unit, embed_text, self.tokenizer)
+            real = zero_shot_attributes(scenes, real_unit, embed_text, self.tokenizer)
+            out.update({"color_acc": zs["zero_shot_color_acc"], "shape_acc": zs["zero_shot_shape_acc"],
+                        "heldout_color_acc": zs["heldout_color_acc"], "heldout_shape_acc": zs["heldout_shape_acc"],
+                        "real_color_acc": real["zero_shot_color_acc"], "real_shape_acc": real["zero_shot_shape_acc"],
+                        "num_single_object": zs["num_single_object"]})
+        g = min(int(cfg.eval.grid_size), len(records))
+        out["images"] = {"decoder": image_grid([images[:g], samples[:g]])}  # top: real, bottom: sampled
+        return out

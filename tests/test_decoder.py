@@ -1,0 +1,158 @@
+"""The decoder stage on a frozen tiny CLIP: overfitting, train + evaluate, embeddings from files, 8 devices."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import small_decoder_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.slow
+def test_decoder_overfits_one_batch(shapes_data_dir, trained_clip, tmp_path):
+    from dalle2_jax.training.partitioning import global_batch
+    from dalle2_jax.training.trainer import Run
+
+    cfg = small_decoder_config(shapes_data_dir, trained_clip, total_steps=80,
+                               **{"optimizer.schedule": "constant", "optimizer.learning_rate": 3e-3,
+                                  "optimizer.warmup_steps": 5, "model.dropout": 0.0, "seed": 1})
+    run = Run(cfg, str(tmp_path))
+    batch = global_batch(next(iter(run.stage.train_iterator(8, 0, 1))), run.mesh)
+    step = run.compile_step(run.stage.load_frozen())
+    state = run.init_state()
+    losses = []
+    for _ in range(80):
+        state, metrics = step(state, batch)
+        losses.append(float(metrics["loss"]))
+    # the timestep and noise change every step, so compare window means
+    assert np.mean(losses[-10:]) < 0.5 * np.mean(losses[:10]), (losses[:3], losses[-3:])
+    assert {"mse", "vb", "loss_q0", "loss_q3"} <= set(metrics)
+
+
+def test_decoder_train_evaluate_and_sample(shapes_data_dir, trained_clip, tmp_path):
+    from dalle2_jax.evaluate import evaluate_workdir
+    from dalle2_jax.training.trainer import train
+
+    workdir = str(tmp_path / "decoder")
+    cfg = small_decoder_config(shapes_data_dir, trained_clip)
+    out = train(cfg, workdir)
+    assert np.isfinite(out["train"]["loss"])
+    result = evaluate_workdir(workdir)
+    for key in ("clip_cosine", "shuffled_clip_cosine", "color_acc", "shape_acc", "real_color_acc"):
+        assert key in result and np.isfinite(result[key]), key
+    assert -1 <= result["clip_cosine"] <= 1 and 0 <= result["color_acc"] <= 1 and 0 <= result["shape_acc"] <= 1
+    assert result["num_examples"] == 16 and result["step"] == 4
+    (png,) = result["sample_files"]
+    from PIL import Image
+
+    grid = np.asarray(Image.open(png))
+    assert grid.shape[0] > 2 * 64 and grid.shape[1] > 4 * 64  # 2 rows (real, sampled) x 4
+    assert os.path.exists(os.path.join(workdir, "reports", "eval_4.json"))
+
+
+@pytest.mark.slow
+def test_decoder_sampling_is_seeded_and_guided(shapes_data_dir, trained_clip, tmp_path):
+    from dalle2_jax.training.checkpoint import load_params
+    from dalle2_jax.training.trainer import Run, train
+
+    workdir = str(tmp_path / "decoder")
+    cfg = small_decoder_config(shapes_data_dir, trained_clip)
+    train(cfg, workdir)
+    stage = Run(cfg, workdir).stage
+    _, params, _ = load_params(workdir)
+    emb = jax.random.normal(jax.random.key(0), (2, stage.embed_dim))
+    emb = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+    tokens = stage.tokenizer.encode_batch(["a red circle", "a blue star"])
+    sample = stage.make_sampler()
+    a = np.asarray(sample(params, emb, tokens, jax.random.key(1))).astype(int)
+    np.testing.assert_array_equal(a, np.asarray(sample(params, emb, tokens, jax.random.key(1))))  # seeded
+    assert a.shape == (2, 64, 64, 3)
+    c = np.asarray(stage.make_sampler(guidance_scale=1.0)(params, emb, tokens, jax.random.key(1)))
+    d = np.asarray(stage.make_sampler(sampler="ddim")(params, emb, tokens, jax.random.key(1)))
+    assert np.abs(a - c).mean() > 0 and np.abs(a - d).mean() > 0
+
+
+def test_decoder_trains_from_embedding_files(shapes_data_dir, trained_clip, tmp_path):
+    """With data.embeddings_dir the pipeline joins each stored embedding with its image (by index)."""
+    from dalle2_jax.tools.embed import embed_split
+    from dalle2_jax.training.checkpoint import read_config
+    from dalle2_jax.training.trainer import Run
+
+    out = str(tmp_path / "emb")
+    embed_split(trained_clip, out, "train", batch_size=32, data_cfg=read_config(trained_clip).data, max_examples=24)
+    cfg = small_decoder_config(shapes_data_dir, trained_clip, total_steps=2, **{"data.embeddings_dir": out})
+    run = Run(cfg, str(tmp_path / "w"))
+    assert run.stage.load_frozen() is None
+    batch = next(iter(run.stage.train_iterator(8, 0, 1)))
+    assert batch["image"].shape == (8, 64, 64, 3) and batch["image_emb"].shape == (8, 128)
+    in_step = np.asarray(jax.jit(run.stage.clip_image)(run.stage.clip_params(), batch["image"]))
+    np.testing.assert_allclose(batch["image_emb"], in_step, atol=1e-5)  # the right image for each embedding
+    # the loss reads the stored embedding (no CLIP params given)
+    params = jax.eval_shape(run.stage.init_params, jax.random.key(0))
+    loss, metrics = jax.eval_shape(run.stage.loss, params, batch, jax.random.key(0), None)
+    assert loss.shape == () and "mse" in metrics
+
+
+def test_decoder_config_errors(shapes_data_dir, trained_clip, tmp_path):
+    from dalle2_jax.training.config import ConfigError, validate_config
+
+    with pytest.raises(ConfigError, match="config.clip_workdir: is empty"):
+        validate_config(small_decoder_config(shapes_data_dir, ""), num_devices=1)
+    with pytest.raises(ConfigError, match="config.model.attention_resolutions: 8 is not a feature-map size"):
+        validate_config(small_decoder_config(shapes_data_dir, trained_clip,
+                                             **{"model.attention_resolutions": (8,)}), num_devices=1)
+    with pytest.raises(ConfigError, match="config.model.normalize_embedding"):
+        validate_config(small_decoder_config(shapes_data_dir, trained_clip, **{
+            "data.embeddings_dir": str(tmp_path), "model.normalize_embedding": False}), num_devices=1)
+    with pytest.raises(ConfigError, match="config.model.image_drop_prob"):
+        validate_config(small_decoder_config(shapes_data_dir, trained_clip, **{"model.image_drop_prob": 1.0}),
+                        num_devices=1)
+    with pytest.raises(ConfigError, match="config.sampling.sampler"):
+        validate_config(small_decoder_config(shapes_data_dir, trained_clip, **{"sampling.sampler": "plms"}),
+                        num_devices=1)
+
+
+SCRIPT = textwrap.dedent("""
+    import json, sys
+    import jax, numpy as np
+    from absl import flags
+    flags.FLAGS.mark_as_parsed()
+    sys.path.insert(0, {tests!r})
+    from conftest import small_decoder_config
+    from dalle2_jax.training.partitioning import global_batch
+    from dalle2_jax.training.trainer import Run
+
+    out = {{}}
+    for name, mesh, devices in [("one", dict(data=1, fsdp=1, tensor=1), jax.devices()[:1]),
+                                ("eight", dict(data=2, fsdp=2, tensor=2), jax.devices())]:
+        cfg = small_decoder_config({data_dir!r}, {clip!r})
+        cfg.mesh.update(mesh)
+        run = Run(cfg, {workdir!r}, devices=devices)
+        state = run.init_state()
+        step = run.compile_step(run.stage.load_frozen())
+        state, metrics = step(state, global_batch(next(iter(run.stage.train_iterator(8, 0, 1))), run.mesh))
+        leaves = [np.asarray(x).ravel() for x in jax.tree.leaves(jax.device_get(state.params))]
+        out[name] = dict(loss=float(metrics["loss"]), params=np.concatenate(leaves).tolist())
+    print(json.dumps(out))
+""")
+
+
+@pytest.mark.slow
+def test_decoder_step_on_8_devices_equals_one(shapes_data_dir, trained_clip, tmp_path):
+    script = SCRIPT.format(tests=os.path.join(REPO, "tests"), data_dir=shapes_data_dir, clip=trained_clip,
+                           workdir=str(tmp_path))
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    np.testing.assert_allclose(out["eight"]["loss"], out["one"]["loss"], rtol=1e-5)
+    np.testing.assert_allclose(out["eight"]["params"], out["one"]["params"], atol=2e-5)

@@ -1,0 +1,157 @@
+"""The GLIDE/ADM UNet: shapes for every config (paper ones abstractly), conditioning, remat."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax.core import meta
+
+from dalle2_jax.models.unet import UNet
+
+
+def _param_count(tree) -> int:
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(meta.unbox(tree)))
+
+
+@pytest.mark.parametrize("variant,expected_params", [
+    ("decoder:tiny", None), ("decoder:base", None), ("decoder:paper", (3.4e9, 3.7e9)),
+    ("upsampler:tiny_64to256", None), ("upsampler:paper_64to256", (6.8e8, 7.2e8)),
+    ("upsampler:tiny_256to1024", None), ("upsampler:paper_256to1024", (2.5e8, 3.1e8)),
+])
+def test_every_config_has_the_right_output_shape(variant, expected_params):
+    """Built from the config through the stage, with jax.eval_shape (no memory for the paper models)."""
+    import importlib
+
+    from dalle2_jax.stages import get_stage_class
+
+    name, arg = variant.split(":")
+    cfg = importlib.import_module(f"configs.{name}").get_config(arg)
+    stage = get_stage_class(cfg.stage)(cfg, "")
+    params = jax.eval_shape(stage.abstract_init, jax.random.key(0))
+    b, r = 2, int(cfg.data.resolution)
+    t = jax.ShapeDtypeStruct((b,), jnp.int32)
+    if cfg.stage == "decoder":
+        x = jax.ShapeDtypeStruct((b, r, r, 3), jnp.float32)
+        out = jax.eval_shape(lambda p, x, t: stage.unet.apply(
+            p, x, t, image_emb=jnp.zeros((b, stage.embed_dim)), tokens=jnp.zeros((b, stage.context_length), jnp.int32),
+            drop_image=jnp.zeros((b,), bool), drop_text=jnp.zeros((b,), bool)), params, x, t)
+        assert out.shape == (b, r, r, 6 if cfg.diffusion.learned_variance else 3)
+        assert stage.context_length == (cfg.model.caption_context_length or cfg.model.clip_context_length)
+    else:
+        low = int(cfg.data.low_res_resolution)
+        for side in (int(cfg.data.crop_size), r):  # trained on crops, sampled at full size
+            x = jax.ShapeDtypeStruct((b, side, side, 3), jnp.float32)
+            lo = jax.ShapeDtypeStruct((b, side * low // r, side * low // r, 3), jnp.float32)
+            out = jax.eval_shape(lambda p, x, t, lo: stage.unet.apply(p, x, t, low_res=lo), params, x, t, lo)
+            assert out.shape == (b, side, side, 3)
+        assert not any("attn" in k for k in meta.unbox(params)["params"])  # convolution only
+    if expected_params:
+        n = _param_count(params)
+        assert expected_params[0] < n < expected_params[1], n
+
+
+def _micro(**kw) -> UNet:
+    base = dict(model_channels=16, num_res_blocks=1, channel_mult=(1, 2), attention_resolutions=(8,), image_size=16,
+                head_channels=8, learned_sigma=True, image_embed_dim=12, caption_vocab_size=20,
+                caption_context_length=6, caption_width=16, caption_depth=1, caption_heads=2)
+    return UNet(**{**base, **kw})
+
+
+def _perturbed_params(model: UNet, inputs: dict, key) -> dict:
+    """Init, then add noise to every param: the zero-initialised output layers would hide the conditioning."""
+    params = meta.unbox(jax.jit(lambda k: model.init(k, **inputs))(key))
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.fold_in(key, 1), len(leaves))
+    return jax.tree.unflatten(tree, [x + 0.1 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+
+
+def _inputs(b=2):
+    k = jax.random.split(jax.random.key(3), 3)
+    return dict(x=jax.random.normal(k[0], (b, 16, 16, 3)), t=jnp.array([10, 500][:b]),
+                image_emb=jax.random.normal(k[1], (b, 12)), tokens=jax.random.randint(k[2], (b, 6), 1, 20))
+
+
+def test_image_embedding_conditions_the_output():
+    model = _micro()
+    inputs = _inputs()
+    params = _perturbed_params(model, inputs, jax.random.key(0))
+    w = jax.random.normal(jax.random.key(9), (2, 16, 16, 6))
+
+    def f(emb):
+        return jnp.sum(model.apply(params, **{**inputs, "image_emb": emb}) * w)
+
+    grad = jax.jit(jax.grad(f))(inputs["image_emb"])
+    assert float(jnp.abs(grad).min()) > 0, grad  # every embedding dim moves the output
+
+    no, yes = jnp.zeros((2,), bool), jnp.ones((2,), bool)
+
+    @jax.jit
+    def variants(params):
+        run = lambda emb, di, dt: model.apply(params, **{**inputs, "image_emb": emb}, drop_image=di,  # noqa: E731
+                                              drop_text=dt)
+        emb = inputs["image_emb"]
+        return (run(emb, no, no), run(jnp.zeros_like(emb), no, no), run(emb, yes, no), run(emb, no, yes),
+                run(emb, jnp.array([True, False]), no))
+
+    out, zeroed, dropped, no_caption, half = variants(params)
+    for other in (zeroed, dropped, no_caption):
+        assert float(jnp.abs(out - other).mean()) > 1e-3
+    # dropping uses the learned null embedding, which is not the zero embedding
+    assert float(jnp.abs(zeroed - dropped).mean()) > 1e-3
+    # dropping one row's condition leaves the other row alone
+    np.testing.assert_allclose(half[1], out[1], atol=1e-5)
+    np.testing.assert_allclose(half[0], dropped[0], atol=1e-5)
+
+
+def test_attention_layers_read_the_context_tokens():
+    """With the timestep path of the conditioning cut (no caption, image_to_time zeroed), the embedding
+    still changes the output, through the extra context tokens in the attention layers."""
+    model = _micro(caption_depth=0)
+    inputs = {k: v for k, v in _inputs().items() if k != "tokens"}
+    params = _perturbed_params(model, inputs, jax.random.key(1))
+    params["params"]["image_to_time"] = jax.tree.map(jnp.zeros_like, params["params"]["image_to_time"])
+    apply = jax.jit(model.apply)
+    a = apply(params, **inputs)
+    b = apply(params, **{**inputs, "image_emb": inputs["image_emb"] * -1.0})
+    assert float(jnp.abs(a - b).mean()) > 1e-3
+    params["params"]["image_to_tokens"] = jax.tree.map(jnp.zeros_like, params["params"]["image_to_tokens"])
+    a = apply(params, **inputs)
+    b = apply(params, **{**inputs, "image_emb": inputs["image_emb"] * -1.0})
+    np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_remat_keeps_params_outputs_and_gradients():
+    inputs = _inputs()
+    plain, remat = _micro(), _micro(remat="full")
+    params = _perturbed_params(plain, inputs, jax.random.key(2))
+    assert jax.tree.structure(meta.unbox(remat.init(jax.random.key(0), **inputs))) == jax.tree.structure(params)
+
+    def loss(model, p):
+        return jnp.mean(model.apply(p, **inputs) ** 2)
+
+    l1, g1 = jax.jit(jax.value_and_grad(lambda p: loss(plain, p)))(params)
+    l2, g2 = jax.jit(jax.value_and_grad(lambda p: loss(remat, p)))(params)
+    np.testing.assert_allclose(l1, l2, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_upsampler_unet_is_size_agnostic_and_uses_the_low_res_input():
+    model = UNet(model_channels=8, num_res_blocks=1, channel_mult=(1, 2), attention_resolutions=(), image_size=32,
+                 low_res=True, noise_level_cond=True, scale_shift=False, resblock_updown=False)
+    k = jax.random.split(jax.random.key(0), 3)
+    x16, lo4 = jax.random.normal(k[0], (1, 16, 16, 3)), jax.random.normal(k[1], (1, 4, 4, 3))
+    params = _perturbed_params(model, dict(x=x16, t=jnp.array([3]), low_res=lo4, noise_level=jnp.array([0])), k[2])
+    x32, lo8 = jax.random.normal(k[0], (1, 32, 32, 3)), jax.random.normal(k[1], (1, 8, 8, 3))
+    apply = jax.jit(lambda p, lo, n: model.apply(p, x32, jnp.array([3]), low_res=lo, noise_level=n))
+    out = apply(params, lo8, jnp.array([0]))
+    assert out.shape == (1, 32, 32, 3)
+    other = apply(params, -lo8, jnp.array([0]))
+    noisier = apply(params, lo8, jnp.array([200]))
+    assert float(jnp.abs(out - other).mean()) > 1e-3 and float(jnp.abs(out - noisier).mean()) > 1e-3
+    with pytest.raises(ValueError, match="low_res"):
+        model.apply(params, x32, jnp.array([3]), noise_level=jnp.array([0]))
