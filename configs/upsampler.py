@@ -74,11 +74,15 @@ def get_config(arg: str = "tiny_64to256") -> ml_collections.ConfigDict:
         d.low_res_key, d.low_res_resolution = "image_256", 256
         d.crop_size = 256
     if size == "tiny":
+        # v-prediction: with eps-prediction a CPU-sized UNet's x0 estimate at high noise is too poor (on a
+        # 1000-step eps run: x0 MSE 1.29 at t=999, 0.53 at t=950) and full-size samples came out as noisy
+        # grey (PSNR 9.7 dB); v keeps the target well-conditioned at every t. The paper configs keep eps.
+        c.diffusion.model_output = "v"
         c.batch_size = 16
-        c.total_steps = 1200
+        c.total_steps = 600
         c.log_every = 50
         c.eval_every = 0
-        c.checkpoint_every = 300
+        c.checkpoint_every = 200
         c.optimizer.learning_rate = 1e-3
         c.optimizer.warmup_steps = 50
         c.optimizer.ema_decay = 0.995

@@ -17,25 +17,31 @@ def _absl_flags():
         flags.FLAGS.mark_as_parsed()
 
 
-def small_config(data_dir: str, **overrides):
-    """configs/clip.py:tiny shrunk for tests: small data, batch 16, no worker processes."""
-    from configs.clip import get_config
-
-    c = get_config("tiny")
+def _for_tests(c, data_dir: str, num_train: int, num_test: int, batch_size: int, overrides: dict):
+    """The shrinking every test config shares: small data, no worker processes, a few steps, checkpoints
+    every 2 steps, evaluation only at the end; then `overrides` (flattened keys)."""
     c.data.data_dir = data_dir
-    c.data.num_train = 256
-    c.data.num_test = 64
+    c.data.num_train = num_train
+    c.data.num_test = num_test
     c.data.num_workers = 0
     c.data.read_threads = 1
-    c.batch_size = 16
+    c.batch_size = batch_size
     c.total_steps = 4
     c.log_every = 2
     c.eval_every = 0
     c.checkpoint_every = 2
     c.optimizer.warmup_steps = 1
-    c.eval.batch_size = 64
     c.update_from_flattened_dict(overrides)
     return c
+
+
+def small_config(data_dir: str, **overrides):
+    """configs/clip.py:tiny shrunk for tests: small data, batch 16, no worker processes."""
+    from configs.clip import get_config
+
+    c = get_config("tiny")
+    c.eval.batch_size = 64
+    return _for_tests(c, data_dir, 256, 64, 16, overrides)
 
 
 @pytest.fixture(scope="session")
@@ -64,23 +70,11 @@ def small_prior_config(data_dir: str, clip_workdir: str, **overrides):
 
     c = get_config("tiny")
     c.clip_workdir = clip_workdir
-    c.data.data_dir = data_dir
-    c.data.num_train = 256
-    c.data.num_test = 64
-    c.data.num_workers = 0
-    c.data.read_threads = 1
     c.model.width, c.model.depth, c.model.heads = 64, 2, 2
-    c.batch_size = 16
-    c.total_steps = 4
-    c.log_every = 2
-    c.eval_every = 0
-    c.checkpoint_every = 2
-    c.optimizer.warmup_steps = 1
     c.sampling.steps = 2
     c.eval.batch_size = 32
     c.eval.max_examples = 32
-    c.update_from_flattened_dict(overrides)
-    return c
+    return _for_tests(c, data_dir, 256, 64, 16, overrides)
 
 
 def small_decoder_config(data_dir: str, clip_workdir: str, **overrides):
@@ -89,26 +83,14 @@ def small_decoder_config(data_dir: str, clip_workdir: str, **overrides):
 
     c = get_config("tiny")
     c.clip_workdir = clip_workdir
-    c.data.data_dir = data_dir
-    c.data.num_train = 256
-    c.data.num_test = 64
-    c.data.num_workers = 0
-    c.data.read_threads = 1
     m = c.model
     m.channels, m.num_res_blocks, m.channel_mult, m.attention_resolutions, m.head_channels = 8, 1, (1, 2), (32,), 8
     m.caption_width, m.caption_depth, m.caption_heads = 32, 1, 2
-    c.batch_size = 8
-    c.total_steps = 4
-    c.log_every = 2
-    c.eval_every = 0
-    c.checkpoint_every = 2
-    c.optimizer.warmup_steps = 1
     c.sampling.steps = 2
     c.eval.batch_size = 8
     c.eval.max_examples = 16
     c.eval.grid_size = 4
-    c.update_from_flattened_dict(overrides)
-    return c
+    return _for_tests(c, data_dir, 256, 64, 8, overrides)
 
 
 @pytest.fixture(scope="session")
@@ -126,20 +108,57 @@ def small_upsampler_config(data_dir: str, **overrides):
     from configs.upsampler import get_config
 
     c = get_config("tiny_64to256")
-    c.data.data_dir = data_dir
-    c.data.num_train = 32
-    c.data.num_test = 4
-    c.data.num_workers = 0
-    c.data.read_threads = 1
     c.model.channels, c.model.num_res_blocks, c.model.channel_mult = 8, 1, (1, 2)
-    c.batch_size = 4
-    c.total_steps = 4
-    c.log_every = 2
-    c.checkpoint_every = 2
-    c.optimizer.warmup_steps = 1
     c.sampling.steps = 2
     c.eval.batch_size = 2
     c.eval.max_examples = 2
     c.eval.grid_size = 2
-    c.update_from_flattened_dict(overrides)
-    return c
+    return _for_tests(c, data_dir, 32, 4, 4, overrides)
+
+
+_EIGHT_DEVICE_SCRIPT = """
+import json, sys
+import jax, numpy as np
+from absl import flags
+flags.FLAGS.mark_as_parsed()
+sys.path.insert(0, {tests!r})
+import conftest
+from dalle2_jax.training.partitioning import global_batch
+from dalle2_jax.training.trainer import Run
+
+assert jax.device_count() == 8
+out = {{}}
+for name, mesh, devices in [("one", dict(data=1, fsdp=1, tensor=1), jax.devices()[:1]),
+                            ("eight", {mesh!r}, jax.devices())]:
+    cfg = getattr(conftest, {factory!r})(*{args!r})
+    cfg.mesh.update(mesh)
+    run = Run(cfg, {workdir!r}, devices=devices)
+    it = iter(run.stage.train_iterator(cfg.batch_size, 0, 1))
+    state = run.init_state()
+    step = run.compile_step(run.stage.load_frozen())
+    losses = []
+    for _ in range({steps}):
+        state, metrics = step(state, global_batch(next(it), run.mesh))
+        losses.append(float(metrics["loss"]))
+    leaves = [np.asarray(x).ravel() for x in jax.tree.leaves(jax.device_get(state.params))]
+    shard_counts = sorted({{len(x.sharding.device_set) for x in jax.tree.leaves(state.params)}})
+    out[name] = dict(losses=losses, params=np.concatenate(leaves).tolist(), shard_counts=shard_counts)
+print(json.dumps(out))
+"""
+
+
+def steps_on_one_and_eight_devices(factory: str, args: tuple, mesh: dict, workdir: str, steps: int = 1) -> dict:
+    """Runs `steps` train steps of conftest.<factory>(*args) on 1 device and on 8 fake CPU devices laid out
+    as `mesh`, in a subprocess (the device count is fixed at JAX start-up). Returns {'one': ..., 'eight': ...}
+    with the losses, the flattened params after the steps and the distinct shard counts of the params."""
+    import json
+    import subprocess
+    import sys
+
+    tests = os.path.dirname(os.path.abspath(__file__))
+    script = _EIGHT_DEVICE_SCRIPT.format(tests=tests, factory=factory, args=tuple(args), mesh=mesh,
+                                         workdir=workdir, steps=steps)
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -2,19 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
-import textwrap
 
 import jax
 import numpy as np
 import pytest
 
-from conftest import small_decoder_config
+from conftest import small_decoder_config, steps_on_one_and_eight_devices
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.slow
@@ -121,38 +116,10 @@ def test_decoder_config_errors(shapes_data_dir, trained_clip, tmp_path):
                         num_devices=1)
 
 
-SCRIPT = textwrap.dedent("""
-    import json, sys
-    import jax, numpy as np
-    from absl import flags
-    flags.FLAGS.mark_as_parsed()
-    sys.path.insert(0, {tests!r})
-    from conftest import small_decoder_config
-    from dalle2_jax.training.partitioning import global_batch
-    from dalle2_jax.training.trainer import Run
-
-    out = {{}}
-    for name, mesh, devices in [("one", dict(data=1, fsdp=1, tensor=1), jax.devices()[:1]),
-                                ("eight", dict(data=2, fsdp=2, tensor=2), jax.devices())]:
-        cfg = small_decoder_config({data_dir!r}, {clip!r})
-        cfg.mesh.update(mesh)
-        run = Run(cfg, {workdir!r}, devices=devices)
-        state = run.init_state()
-        step = run.compile_step(run.stage.load_frozen())
-        state, metrics = step(state, global_batch(next(iter(run.stage.train_iterator(8, 0, 1))), run.mesh))
-        leaves = [np.asarray(x).ravel() for x in jax.tree.leaves(jax.device_get(state.params))]
-        out[name] = dict(loss=float(metrics["loss"]), params=np.concatenate(leaves).tolist())
-    print(json.dumps(out))
-""")
-
-
 @pytest.mark.slow
 def test_decoder_step_on_8_devices_equals_one(shapes_data_dir, trained_clip, tmp_path):
-    script = SCRIPT.format(tests=os.path.join(REPO, "tests"), data_dir=shapes_data_dir, clip=trained_clip,
-                           workdir=str(tmp_path))
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
-    np.testing.assert_allclose(out["eight"]["loss"], out["one"]["loss"], rtol=1e-5)
+    out = steps_on_one_and_eight_devices("small_decoder_config", (shapes_data_dir, trained_clip),
+                                         dict(data=2, fsdp=2, tensor=2), str(tmp_path))
+    np.testing.assert_allclose(out["eight"]["losses"], out["one"]["losses"], rtol=1e-5)
     np.testing.assert_allclose(out["eight"]["params"], out["one"]["params"], atol=2e-5)
+    assert max(out["eight"]["shard_counts"]) > 1  # params are spread over the mesh

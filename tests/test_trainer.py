@@ -4,17 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
-import textwrap
 
 import jax
 import numpy as np
 import pytest
 
-from conftest import small_config
+from conftest import small_config, steps_on_one_and_eight_devices
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _leaves(tree):
@@ -43,44 +39,9 @@ def test_overfits_a_fixed_batch(shapes_data_dir, tmp_path):
     assert jitted._cache_size() == 1  # compiled once, never again
 
 
-SHARDED_SCRIPT = textwrap.dedent("""
-    import json, sys
-    import jax, numpy as np
-    from absl import flags
-    flags.FLAGS.mark_as_parsed()
-    sys.path.insert(0, {tests!r})
-    from conftest import small_config
-    from dalle2_jax.training.partitioning import global_batch
-    from dalle2_jax.training.trainer import Run
-
-    assert jax.device_count() == 8
-    out = {{}}
-    for name, mesh, devices in [("one", dict(data=1, fsdp=1, tensor=1), jax.devices()[:1]),
-                                ("eight", dict(data=2, fsdp=4, tensor=1), jax.devices())]:
-        cfg = small_config({data_dir!r})
-        cfg.mesh.update(mesh)
-        run = Run(cfg, {workdir!r}, devices=devices)
-        it = iter(run.stage.train_iterator(16, 0, 1))
-        state = run.init_state()
-        step = run.compile_step(None)
-        losses = []
-        for _ in range(2):
-            state, metrics = step(state, global_batch(next(it), run.mesh))
-            losses.append(float(metrics["loss"]))
-        leaves = [np.asarray(x).ravel() for x in jax.tree.leaves(jax.device_get(state.params))]
-        shard_counts = sorted({{len(x.sharding.device_set) for x in jax.tree.leaves(state.params)}})
-        out[name] = dict(losses=losses, params=np.concatenate(leaves).tolist(), shard_counts=shard_counts)
-    print(json.dumps(out))
-""")
-
-
 def test_sharded_step_equals_single_device(shapes_data_dir, tmp_path):
-    script = SHARDED_SCRIPT.format(tests=os.path.join(REPO, "tests"), data_dir=shapes_data_dir,
-                                   workdir=str(tmp_path))
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out = steps_on_one_and_eight_devices("small_config", (shapes_data_dir,), dict(data=2, fsdp=4, tensor=1),
+                                         str(tmp_path), steps=2)
     np.testing.assert_allclose(out["eight"]["losses"], out["one"]["losses"], rtol=1e-5)
     np.testing.assert_allclose(out["eight"]["params"], out["one"]["params"], atol=2e-5)
     assert out["one"]["shard_counts"] == [1]

@@ -4,8 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
+import os
+import shutil
+
 import grain
 import jax
+
+from dalle2_jax.training.config import ConfigError
+
+TOKENIZER_DIR = "tokenizer"
 
 
 class Stage:
@@ -57,3 +64,46 @@ class Stage:
     def evaluate(self, params: Any, mesh: jax.sharding.Mesh) -> dict:
         """The stage's evaluation metrics (JSON-serialisable scalars) for `params`."""
         raise NotImplementedError
+
+
+def validate_clip_workdir(config) -> None:
+    """config.clip_workdir must name a CLIP workdir (trained or imported); raises ConfigError."""
+    if not config.clip_workdir:
+        raise ConfigError("clip_workdir", "is empty; point it at a trained or imported CLIP workdir")
+    if not os.path.exists(os.path.join(config.clip_workdir, "config.json")):
+        raise ConfigError("clip_workdir", f"{config.clip_workdir!r} is not a CLIP workdir (no config.json); "
+                          "train one with configs/clip.py first")
+
+
+def validate_diffusion_keys(config, samplers: tuple[str, ...]) -> None:
+    """Checks config.diffusion (schedule, model_output) and config.sampling (sampler, steps)."""
+    d, s = config.diffusion, config.sampling
+    if d.schedule not in ("cosine", "linear"):
+        raise ConfigError("diffusion.schedule", f"unknown schedule {d.schedule!r}; use cosine or linear")
+    if d.model_output not in ("x0", "eps", "v"):
+        raise ConfigError("diffusion.model_output", f"unknown output {d.model_output!r}; use x0, eps or v")
+    if s.sampler not in samplers:
+        raise ConfigError("sampling.sampler", f"unknown sampler {s.sampler!r}; use one of {samplers}")
+    if not 1 <= s.steps <= d.num_steps:
+        raise ConfigError("sampling.steps", f"must be in [1, diffusion.num_steps={d.num_steps}], got {s.steps}")
+
+
+class FrozenClipMixin:
+    """For stages that read a frozen CLIP through config.clip_workdir (the prior, the decoder)."""
+
+    _frozen = None
+
+    def copy_clip_tokenizer(self) -> None:
+        """Copies the CLIP's tokenizer into this workdir (process 0), so the workdir records what it used."""
+        src = os.path.join(self.config.clip_workdir, TOKENIZER_DIR)
+        dst = os.path.join(self.workdir, TOKENIZER_DIR)
+        if not os.path.exists(dst) and jax.process_index() == 0:
+            shutil.copytree(src, dst)
+
+    def clip_params(self):
+        """The frozen CLIP's (EMA) params, loaded once."""
+        from dalle2_jax.training.checkpoint import load_params
+
+        if self._frozen is None:
+            _, self._frozen, _ = load_params(self.config.clip_workdir)
+        return self._frozen

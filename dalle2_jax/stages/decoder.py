@@ -11,7 +11,6 @@ images from test-image embeddings and scores them with the frozen CLIP.
 from __future__ import annotations
 
 import os
-import shutil
 from typing import Any
 
 import grain
@@ -23,12 +22,12 @@ from dalle2_jax import diffusion as D
 from dalle2_jax.data import pipeline
 from dalle2_jax.models.clip import build_clip
 from dalle2_jax.models.unet import UNet
+from dalle2_jax.stages.base import TOKENIZER_DIR, FrozenClipMixin, validate_clip_workdir
 from dalle2_jax.stages.image_diffusion import (ImageDiffusionStage, image_grid, run_batched, to_model_space,
                                                to_uint8)
 from dalle2_jax.text import load_tokenizer
 from dalle2_jax.training.config import ConfigError
 
-TOKENIZER_DIR = "tokenizer"
 
 
 class _JoinImage(grain.transforms.Map):
@@ -53,7 +52,7 @@ class _JoinImage(grain.transforms.Map):
                 "image_emb": np.asarray(r["image_emb"], np.float32), "tokens": np.asarray(r["tokens"], np.int32)}
 
 
-class DecoderStage(ImageDiffusionStage):
+class DecoderStage(FrozenClipMixin, ImageDiffusionStage):
     """Trains the 64x64 decoder against a frozen CLIP."""
 
     name = "decoder"
@@ -61,15 +60,10 @@ class DecoderStage(ImageDiffusionStage):
     def __init__(self, config, workdir: str):
         super().__init__(config, workdir)
         self.clip = self.tokenizer = None
-        self._frozen = None
 
     @classmethod
     def validate(cls, config) -> None:
-        if not config.clip_workdir:
-            raise ConfigError("clip_workdir", "is empty; point it at a trained or imported CLIP workdir")
-        if not os.path.exists(os.path.join(config.clip_workdir, "config.json")):
-            raise ConfigError("clip_workdir", f"{config.clip_workdir!r} is not a CLIP workdir (no config.json); "
-                              "train one with configs/clip.py first")
+        validate_clip_workdir(config)
         cls.validate_unet(config)
         m = config.model
         for key in ("image_drop_prob", "caption_drop_prob"):
@@ -92,10 +86,7 @@ class DecoderStage(ImageDiffusionStage):
     # --- set-up ---------------------------------------------------------------------------------------
     def prepare(self) -> None:
         pipeline.prepare_dataset(self.config.data)
-        src = os.path.join(self.config.clip_workdir, TOKENIZER_DIR)
-        dst = os.path.join(self.workdir, TOKENIZER_DIR)
-        if not os.path.exists(dst) and jax.process_index() == 0:
-            shutil.copytree(src, dst)  # the decoder's workdir carries the tokenizer its captions use
+        self.copy_clip_tokenizer()  # the decoder's workdir carries the tokenizer its captions use
         self.setup_model()
 
     def setup_model(self) -> None:
@@ -131,14 +122,6 @@ class DecoderStage(ImageDiffusionStage):
         return self.unet.init(rng, jnp.zeros((1, r, r, 3)), jnp.zeros((1,), jnp.int32),
                               image_emb=jnp.zeros((1, self.embed_dim)), tokens=self.caption_tokens(
                                   jnp.zeros((1, self.clip_context), jnp.int32)))
-
-    def clip_params(self) -> Any:
-        """The frozen CLIP's (EMA) params, loaded once."""
-        from dalle2_jax.training.checkpoint import load_params
-
-        if self._frozen is None:
-            _, self._frozen, _ = load_params(self.config.clip_workdir)
-        return self._frozen
 
     def load_frozen(self) -> Any:
         return None if self.config.data.embeddings_dir else self.clip_params()

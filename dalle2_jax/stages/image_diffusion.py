@@ -12,7 +12,7 @@ import numpy as np
 from dalle2_jax import diffusion as D
 from dalle2_jax.models.layers import dtype_from_name
 from dalle2_jax.models.transformer import REMAT_POLICIES
-from dalle2_jax.stages.base import Stage
+from dalle2_jax.stages.base import Stage, validate_diffusion_keys
 from dalle2_jax.training.config import ConfigError
 
 SAMPLERS = ("ddpm", "ddim")
@@ -92,16 +92,7 @@ class ImageDiffusionStage(Stage):
             dtype_from_name(m.dtype)
         except ValueError as e:
             raise ConfigError("model.dtype", str(e)) from None
-        d = config.diffusion
-        if d.schedule not in ("cosine", "linear"):
-            raise ConfigError("diffusion.schedule", f"unknown schedule {d.schedule!r}; use cosine or linear")
-        if d.model_output not in ("x0", "eps", "v"):
-            raise ConfigError("diffusion.model_output", f"unknown output {d.model_output!r}; use x0, eps or v")
-        s = config.sampling
-        if s.sampler not in SAMPLERS:
-            raise ConfigError("sampling.sampler", f"unknown sampler {s.sampler!r}; use one of {SAMPLERS}")
-        if not 1 <= s.steps <= d.num_steps:
-            raise ConfigError("sampling.steps", f"must be in [1, diffusion.num_steps={d.num_steps}], got {s.steps}")
+        validate_diffusion_keys(config, SAMPLERS)
 
     def unet_kwargs(self) -> dict:
         """UNet fields from config.model (the stage adds its conditioning fields)."""

@@ -9,7 +9,6 @@ the true image embeddings.
 from __future__ import annotations
 
 import os
-import shutil
 import time
 from typing import Any
 
@@ -23,11 +22,11 @@ from dalle2_jax.data import pipeline
 from dalle2_jax.models.clip import build_clip
 from dalle2_jax.models.layers import ACTIVATIONS, dtype_from_name
 from dalle2_jax.models.prior import DiffusionPrior
-from dalle2_jax.stages.base import Stage
+from dalle2_jax.stages.base import (TOKENIZER_DIR, FrozenClipMixin, Stage, validate_clip_workdir,
+                                    validate_diffusion_keys)
 from dalle2_jax.text import load_tokenizer
 from dalle2_jax.training.config import ConfigError
 
-TOKENIZER_DIR = "tokenizer"
 SAMPLERS = ("ddim", "ddpm", "analytic")
 
 
@@ -66,7 +65,7 @@ def embedding_pipeline(directory: str, split: str, *, local_batch_size: int, see
     return it
 
 
-class PriorStage(Stage):
+class PriorStage(FrozenClipMixin, Stage):
     """Trains the diffusion prior against a frozen CLIP."""
 
     name = "prior"
@@ -79,11 +78,7 @@ class PriorStage(Stage):
 
     @classmethod
     def validate(cls, config) -> None:
-        if not config.clip_workdir:
-            raise ConfigError("clip_workdir", "is empty; point it at a trained or imported CLIP workdir")
-        if not os.path.exists(os.path.join(config.clip_workdir, "config.json")):
-            raise ConfigError("clip_workdir", f"{config.clip_workdir!r} is not a CLIP workdir (no config.json); "
-                              "train one with configs/clip.py first")
+        validate_clip_workdir(config)
         m = config.model
         if m.width % m.heads:
             raise ConfigError("model.heads", f"width {m.width} is not divisible by {m.heads} heads")
@@ -94,26 +89,15 @@ class PriorStage(Stage):
                               "'standardize'")
         if not 0.0 <= m.cond_drop_prob < 1.0:
             raise ConfigError("model.cond_drop_prob", f"must be in [0, 1), got {m.cond_drop_prob}")
-        d = config.diffusion
-        if d.schedule not in ("cosine", "linear"):
-            raise ConfigError("diffusion.schedule", f"unknown schedule {d.schedule!r}; use cosine or linear")
-        if d.model_output not in ("x0", "eps", "v"):
-            raise ConfigError("diffusion.model_output", f"unknown output {d.model_output!r}; use x0, eps or v")
+        validate_diffusion_keys(config, SAMPLERS)
         s = config.sampling
-        if s.sampler not in SAMPLERS:
-            raise ConfigError("sampling.sampler", f"unknown sampler {s.sampler!r}; use one of {SAMPLERS}")
-        if not 1 <= s.steps <= d.num_steps:
-            raise ConfigError("sampling.steps", f"must be in [1, diffusion.num_steps={d.num_steps}], got {s.steps}")
         if s.num_candidates < 1:
             raise ConfigError("sampling.num_candidates", f"must be >= 1, got {s.num_candidates}")
 
     # --- set-up ---------------------------------------------------------------------------------------
     def prepare(self) -> None:
         pipeline.prepare_dataset(self.config.data)
-        src = os.path.join(self.config.clip_workdir, TOKENIZER_DIR)
-        dst = os.path.join(self.workdir, TOKENIZER_DIR)
-        if not os.path.exists(dst) and jax.process_index() == 0:
-            shutil.copytree(src, dst)  # the prior's workdir carries the tokenizer it was trained with
+        self.copy_clip_tokenizer()  # the prior's workdir carries the tokenizer it was trained with
         self.setup_model()
         if self.config.model.embedding_norm == "standardize" and not os.path.exists(self._stats_path()):
             self._compute_stats()
@@ -215,14 +199,6 @@ class PriorStage(Stage):
         tokens = jnp.zeros((1, self.context_length, self.text_width), jnp.float32)
         return self.prior.init(rng, e, jnp.zeros((1,), jnp.int32), e, tokens,
                                jnp.ones((1, self.context_length), bool), jnp.zeros((1,), bool))
-
-    def clip_params(self) -> Any:
-        """The frozen CLIP's (EMA) params, loaded once."""
-        from dalle2_jax.training.checkpoint import load_params
-
-        if self._frozen is None:
-            _, self._frozen, _ = load_params(self.config.clip_workdir)
-        return self._frozen
 
     def load_frozen(self) -> Any:
         # Training from precomputed embeddings needs no CLIP in the step.
