@@ -42,7 +42,7 @@ def test_upsampler_overfits_one_batch(shapes_256_data_dir, tmp_path):
     from dalle2_jax.training.partitioning import global_batch
     from dalle2_jax.training.trainer import Run
 
-    cfg = small_upsampler_config(shapes_256_data_dir, total_steps=60,
+    cfg = small_upsampler_config(shapes_256_data_dir, total_steps=150,
                                  **{"optimizer.schedule": "constant", "optimizer.learning_rate": 3e-3,
                                     "optimizer.warmup_steps": 5, "data.crop_size": 32})
     run = Run(cfg, str(tmp_path))
@@ -50,7 +50,7 @@ def test_upsampler_overfits_one_batch(shapes_256_data_dir, tmp_path):
     step = run.compile_step(run.stage.load_frozen())
     state = run.init_state()
     losses = []
-    for _ in range(60):
+    for _ in range(150):
         state, metrics = step(state, batch)
         losses.append(float(metrics["loss"]))
     assert np.mean(losses[-10:]) < 0.5 * np.mean(losses[:10]), (losses[:3], losses[-3:])
