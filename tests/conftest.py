@@ -162,3 +162,20 @@ def steps_on_one_and_eight_devices(factory: str, args: tuple, mesh: dict, workdi
     proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def fixed_batch_losses(cfg, workdir: str) -> tuple[list[float], dict]:
+    """Trains `cfg` for cfg.total_steps steps on ONE batch (the first of its pipeline) through the trainer's
+    compiled step; returns the per-step losses and the last step's metrics (for overfitting tests)."""
+    from dalle2_jax.training.partitioning import global_batch
+    from dalle2_jax.training.trainer import Run
+
+    run = Run(cfg, workdir)
+    batch = global_batch(next(iter(run.stage.train_iterator(cfg.batch_size, 0, 1))), run.mesh)
+    step = run.compile_step(run.stage.load_frozen())
+    state = run.init_state()
+    losses = []
+    for _ in range(int(cfg.total_steps)):
+        state, metrics = step(state, batch)
+        losses.append(float(metrics["loss"]))
+    return losses, metrics

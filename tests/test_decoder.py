@@ -8,26 +8,15 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import small_decoder_config, steps_on_one_and_eight_devices
-
+from conftest import fixed_batch_losses, small_decoder_config, steps_on_one_and_eight_devices
 
 
 @pytest.mark.slow
 def test_decoder_overfits_one_batch(shapes_data_dir, trained_clip, tmp_path):
-    from dalle2_jax.training.partitioning import global_batch
-    from dalle2_jax.training.trainer import Run
-
     cfg = small_decoder_config(shapes_data_dir, trained_clip, total_steps=80,
                                **{"optimizer.schedule": "constant", "optimizer.learning_rate": 3e-3,
                                   "optimizer.warmup_steps": 5, "model.dropout": 0.0, "seed": 1})
-    run = Run(cfg, str(tmp_path))
-    batch = global_batch(next(iter(run.stage.train_iterator(8, 0, 1))), run.mesh)
-    step = run.compile_step(run.stage.load_frozen())
-    state = run.init_state()
-    losses = []
-    for _ in range(80):
-        state, metrics = step(state, batch)
-        losses.append(float(metrics["loss"]))
+    losses, metrics = fixed_batch_losses(cfg, str(tmp_path))
     # the timestep and noise change every step, so compare window means
     assert np.mean(losses[-10:]) < 0.5 * np.mean(losses[:10]), (losses[:3], losses[-3:])
     assert {"mse", "vb", "loss_q0", "loss_q3"} <= set(metrics)

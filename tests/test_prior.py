@@ -9,26 +9,15 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import small_prior_config, steps_on_one_and_eight_devices
-
+from conftest import fixed_batch_losses, small_prior_config, steps_on_one_and_eight_devices
 
 
 def test_prior_overfits_one_batch(shapes_data_dir, trained_clip, tmp_path):
-    from dalle2_jax.training.partitioning import global_batch
-    from dalle2_jax.training.trainer import Run
-
     cfg = small_prior_config(shapes_data_dir, trained_clip, total_steps=150,
                              **{"optimizer.schedule": "constant", "optimizer.weight_decay": 0.0,
                                 "optimizer.learning_rate": 2e-3, "optimizer.warmup_steps": 10,
                                 "model.cond_drop_prob": 0.0})
-    run = Run(cfg, str(tmp_path))
-    batch = global_batch(next(iter(run.stage.train_iterator(16, 0, 1))), run.mesh)
-    step = run.compile_step(run.stage.load_frozen())
-    state = run.init_state()
-    losses = []
-    for _ in range(150):
-        state, metrics = step(state, batch)
-        losses.append(float(metrics["loss"]))
+    losses, metrics = fixed_batch_losses(cfg, str(tmp_path))
     assert np.mean(losses[-10:]) < np.mean(losses[:10]) / 5, (losses[:3], losses[-3:])
     assert {"loss_q0", "loss_q1", "loss_q2", "loss_q3"} <= set(metrics)
 

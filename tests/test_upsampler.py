@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import small_upsampler_config
+from conftest import fixed_batch_losses, small_upsampler_config
 
 
 def test_pipeline_crops_align_and_are_seeded(shapes_256_data_dir):
@@ -39,20 +39,10 @@ def test_pipeline_crops_align_and_are_seeded(shapes_256_data_dir):
 
 @pytest.mark.slow
 def test_upsampler_overfits_one_batch(shapes_256_data_dir, tmp_path):
-    from dalle2_jax.training.partitioning import global_batch
-    from dalle2_jax.training.trainer import Run
-
     cfg = small_upsampler_config(shapes_256_data_dir, total_steps=150,
                                  **{"optimizer.schedule": "constant", "optimizer.learning_rate": 3e-3,
                                     "optimizer.warmup_steps": 5, "data.crop_size": 32})
-    run = Run(cfg, str(tmp_path))
-    batch = global_batch(next(iter(run.stage.train_iterator(4, 0, 1))), run.mesh)
-    step = run.compile_step(run.stage.load_frozen())
-    state = run.init_state()
-    losses = []
-    for _ in range(150):
-        state, metrics = step(state, batch)
-        losses.append(float(metrics["loss"]))
+    losses, metrics = fixed_batch_losses(cfg, str(tmp_path))
     assert np.mean(losses[-10:]) < 0.5 * np.mean(losses[:10]), (losses[:3], losses[-3:])
 
 
