@@ -1,6 +1,7 @@
 """The `dalle2-jax` console script: `dalle2-jax <command> [flags]`, one subcommand per entry point.
 
-`dalle2-jax train ...` is `python -m dalle2_jax.train ...`.
+`dalle2-jax train ...` is `python -m dalle2_jax.train ...`; the image methods (generate, variations,
+interpolate, edit, inpaint) are `python -m dalle2_jax.generate <method> ...`.
 """
 
 from __future__ import annotations
@@ -14,6 +15,12 @@ COMMANDS = {
     "params": ("dalle2_jax.tools.params", "count a config's parameters (no memory)"),
     "embed": ("dalle2_jax.tools.embed", "precompute a frozen CLIP's embeddings of a data set"),
     "build-folder": ("dalle2_jax.tools.build_folder", "build a TFDS data set from a folder of captioned images"),
+    "export": ("dalle2_jax.export", "turn trained workdirs into one inference bundle"),
+    "generate": ("dalle2_jax.generate:run_generate", "text -> images with a bundle"),
+    "variations": ("dalle2_jax.generate:run_variations", "variations of an image (DDIM from its inversion)"),
+    "interpolate": ("dalle2_jax.generate:run_interpolate", "interpolate between two images' CLIP embeddings"),
+    "edit": ("dalle2_jax.generate:run_edit", "text diff: move an image from one caption toward another"),
+    "inpaint": ("dalle2_jax.generate:run_inpaint", "regenerate a masked region from a prompt"),
 }
 
 
@@ -32,8 +39,8 @@ def main(argv: list[str] | None = None) -> None:
     if name not in COMMANDS:
         print(f"dalle2-jax: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
         sys.exit(2)
-    module = importlib.import_module(COMMANDS[name][0])
-    module.run([f"dalle2-jax {name}"] + argv[2:])
+    module_name, _, func = COMMANDS[name][0].partition(":")
+    getattr(importlib.import_module(module_name), func or "run")([f"dalle2-jax {name}"] + argv[2:])
 
 
 if __name__ == "__main__":

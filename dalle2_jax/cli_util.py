@@ -9,6 +9,7 @@ from typing import Callable
 
 from absl import app, flags
 
+from dalle2_jax.inference.errors import InputError
 from dalle2_jax.training.config import ConfigError
 
 
@@ -34,10 +35,10 @@ def setup_logging() -> None:
 
 @contextlib.contextmanager
 def exit_on_errors():
-    """Config errors exit 2 with the message; missing files exit 1 with the message."""
+    """Config errors and bad input (InputError) exit 2 with the message; missing files exit 1 with the message."""
     try:
         yield
-    except ConfigError as e:
+    except (ConfigError, InputError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except FileNotFoundError as e:
@@ -47,11 +48,13 @@ def exit_on_errors():
 
 def run_program(doc: str, define: Callable[[flags.FlagValues], None],
                 main: Callable[[flags.FlagValues], None], argv: list[str] | None = None,
-                required: tuple[str, ...] = ()) -> None:
+                required: tuple[str, ...] = (), positional: tuple[str, int, int] | None = None) -> None:
     """Runs an absl program whose flags live in their own FlagValues, so entry points can be called
     in-process one after another (tests, the `dalle2-jax` console script) without flag clashes.
 
     Bad usage (unknown or malformed flags, missing required ones, stray arguments) exits 2.
+    positional: (names for the usage message, min count, max count or -1 for any): the program takes
+    positional arguments (flags may come before or after them) and is called as main(fv, args).
     """
     fv = flags.FlagValues()
     define(fv)
@@ -72,8 +75,13 @@ def run_program(doc: str, define: Callable[[flags.FlagValues], None],
             usage_exit(str(e))
         finally:
             sys.argv = saved
-        if len(rest) > 1:
+        if positional is None and len(rest) > 1:
             usage_exit(f"unexpected arguments: {rest[1:]}")
+        if positional is not None:
+            names, lo, hi = positional
+            n = len(rest) - 1
+            if n < lo or (hi >= 0 and n > hi):
+                usage_exit(f"expected {names}, got {n} positional argument(s): {rest[1:]}")
         for name in required:
             if fv[name].value is None:
                 usage_exit(f"--{name} is required")
@@ -81,8 +89,11 @@ def run_program(doc: str, define: Callable[[flags.FlagValues], None],
             flags.FLAGS.mark_as_parsed()  # grain reads absl flags
         return rest
 
-    def body(_: list[str]) -> None:
+    def body(rest: list[str]) -> None:
         setup_logging()
-        main(fv)
+        if positional is None:
+            main(fv)
+        else:
+            main(fv, list(rest[1:]))
 
     app.run(body, argv=argv, flags_parser=parser)

@@ -17,6 +17,18 @@ def _absl_flags():
         flags.FLAGS.mark_as_parsed()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _compilation_cache(tmp_path_factory):
+    """JAX's persistent compilation cache for this session: the CLI tests load a bundle again in-process,
+    and its sampling loops then compile to the executables the pipeline tests already built."""
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    yield
+    jax.config.update("jax_compilation_cache_dir", None)
+
+
 def _for_tests(c, data_dir: str, num_train: int, num_test: int, batch_size: int, overrides: dict):
     """The shrinking every test config shares: small data, no worker processes, a few steps, checkpoints
     every 2 steps, evaluation only at the end; then `overrides` (flattened keys)."""
@@ -91,6 +103,37 @@ def small_decoder_config(data_dir: str, clip_workdir: str, **overrides):
     c.eval.max_examples = 16
     c.eval.grid_size = 4
     return _for_tests(c, data_dir, 256, 64, 8, overrides)
+
+
+@pytest.fixture(scope="session")
+def trained_prior(tmp_path_factory, shapes_data_dir, trained_clip) -> tuple[str, dict]:
+    """(workdir, train output) of a prior trained for 4 steps on the tiny CLIP, standardised embeddings."""
+    from dalle2_jax.training.trainer import train
+
+    workdir = str(tmp_path_factory.mktemp("prior_workdir"))
+    cfg = small_prior_config(shapes_data_dir, trained_clip, **{"model.embedding_norm": "standardize",
+                                                               "model.stats_examples": 64})
+    return workdir, train(cfg, workdir)
+
+
+@pytest.fixture(scope="session")
+def trained_decoder(tmp_path_factory, shapes_data_dir, trained_clip) -> tuple[str, dict]:
+    """(workdir, train output) of the small decoder trained for 4 steps on the tiny CLIP."""
+    from dalle2_jax.training.trainer import train
+
+    workdir = str(tmp_path_factory.mktemp("decoder_workdir"))
+    return workdir, train(small_decoder_config(shapes_data_dir, trained_clip), workdir)
+
+
+@pytest.fixture(scope="session")
+def trained_upsampler(tmp_path_factory, shapes_256_data_dir) -> tuple[str, dict]:
+    """(workdir, train output) of the small 64->256 upsampler trained for 4 steps on crops, with noise-level
+    conditioning (max level 100, sampling at level 10)."""
+    from dalle2_jax.training.trainer import train
+
+    workdir = str(tmp_path_factory.mktemp("upsampler_workdir"))
+    cfg = small_upsampler_config(shapes_256_data_dir, **{"model.max_noise_level": 100, "sampling.noise_level": 10})
+    return workdir, train(cfg, workdir)
 
 
 @pytest.fixture(scope="session")

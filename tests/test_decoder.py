@@ -22,13 +22,10 @@ def test_decoder_overfits_one_batch(shapes_data_dir, trained_clip, tmp_path):
     assert {"mse", "vb", "loss_q0", "loss_q3"} <= set(metrics)
 
 
-def test_decoder_train_evaluate_and_sample(shapes_data_dir, trained_clip, tmp_path):
+def test_decoder_train_evaluate_and_sample(trained_decoder):
     from dalle2_jax.evaluate import evaluate_workdir
-    from dalle2_jax.training.trainer import train
 
-    workdir = str(tmp_path / "decoder")
-    cfg = small_decoder_config(shapes_data_dir, trained_clip)
-    out = train(cfg, workdir)
+    workdir, out = trained_decoder
     assert np.isfinite(out["train"]["loss"])
     result = evaluate_workdir(workdir)
     for key in ("clip_cosine", "shuffled_clip_cosine", "color_acc", "shape_acc", "real_color_acc"):

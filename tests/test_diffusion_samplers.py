@@ -52,6 +52,20 @@ def test_ddim_is_deterministic_and_inversion_reconstructs():
     assert float(jnp.max(jnp.abs(rec - x0))) < 1e-4
 
 
+def test_inversion_with_the_samplers_x0_clipping_is_exact():
+    """A denoiser whose x0 estimates overshoot [-1, 1] (half the optimal eps): a clipped sampler is inverted
+    only by an inversion that clips too."""
+    x0 = jnp.asarray(np.random.default_rng(0).uniform(-0.9, 0.9, (64, 16)), jnp.float32)
+    bad = lambda x, t: 0.5 * gaussian_eps(x, t)  # noqa: E731
+    r, _ = D.respace(FULL, 50, kind="ddim")
+    sample = jax.jit(lambda x_T: D.sample_ddim(r, bad, x_T.shape, jax.random.key(0), x_T=x_T, clip_x0=1.0))
+    errors = {}
+    for clip in (None, 1.0):
+        x_T = jax.jit(lambda x, c=clip: D.ddim_invert(r, bad, x, fixed_point_iters=10, clip_x0=c))(x0)
+        errors[clip] = float(jnp.max(jnp.abs(sample(x_T) - x0)))
+    assert errors[1.0] < 1e-3 and errors[None] > 0.1, errors
+
+
 def _assert_gaussian(x: jax.Array, std_tol: float, name: str):
     mean, std = float(jnp.mean(x)), float(jnp.std(x))
     assert abs(mean - MU) < 0.02, (name, mean)
@@ -186,3 +200,26 @@ def test_trained_mlp_samples_the_mixture(trained_mixture_model):
     gamma = jax.jit(lambda p, k: D.estimate_analytic_gamma(r, lambda x, t: model.apply(p, x, t),
                                                            _mixture(k, 4096), k))(params, jax.random.key(5))
     _assert_matches_mixture(run(D.sample_analytic, gamma=gamma), "analytic-dpm")
+
+
+def test_repaint_schedule_and_known_region():
+    is_down, index = D.repaint_schedule(10, resample=3, jump_length=2)
+    # every jump point (0, 2, 4, 6) sends the chain 2 steps back up twice: 10 + 4 * 2 * 2 down moves
+    assert int(is_down.sum()) == 10 + 4 * 2 * 2 and int((~is_down).sum()) == 4 * 2 * 2
+    assert bool(is_down[-1]) and index[-1] == 0 and index[0] == 9
+    level = 9  # the chain's level stays in [-1, 9] and each move changes it by one
+    for d, i in zip(is_down, index):
+        assert i == (level if d else level + 1)
+        level += -1 if d else 1
+    assert level == -1
+    plain = D.repaint_schedule(7)
+    assert plain[0].all() and list(plain[1]) == list(range(6, -1, -1))
+
+    r, _ = D.respace(FULL, 20)
+    known = _data(512)
+    mask = jnp.zeros((512, 16)).at[:, :8].set(1.0)
+    out = jax.jit(lambda k: D.sample_repaint(r, gaussian_eps, known, mask, k, resample=2, jump_length=3))(
+        jax.random.key(0))
+    np.testing.assert_array_equal(out[:, :8], known[:, :8])  # kept exactly
+    assert float(jnp.mean(jnp.abs(out[:, 8:] - known[:, 8:]))) > 0.1  # regenerated
+    _assert_gaussian(out[:, 8:], 0.15, "repaint")

@@ -22,14 +22,10 @@ def test_prior_overfits_one_batch(shapes_data_dir, trained_clip, tmp_path):
     assert {"loss_q0", "loss_q1", "loss_q2", "loss_q3"} <= set(metrics)
 
 
-def test_prior_train_and_evaluate(shapes_data_dir, trained_clip, tmp_path):
+def test_prior_train_and_evaluate(trained_prior):
     from dalle2_jax.evaluate import evaluate_workdir
-    from dalle2_jax.training.trainer import train
 
-    workdir = str(tmp_path / "prior")
-    cfg = small_prior_config(shapes_data_dir, trained_clip, **{"model.embedding_norm": "standardize",
-                                                               "model.stats_examples": 64})
-    out = train(cfg, workdir)
+    workdir, out = trained_prior
     assert np.isfinite(out["train"]["loss"])
     stats = json.load(open(os.path.join(workdir, "stats", "image_embedding_stats.json")))
     assert stats["num_examples"] == 64 and len(stats["mean"]) == len(stats["std"]) == 128

@@ -46,15 +46,13 @@ def test_upsampler_overfits_one_batch(shapes_256_data_dir, tmp_path):
     assert np.mean(losses[-10:]) < 0.5 * np.mean(losses[:10]), (losses[:3], losses[-3:])
 
 
-def test_upsampler_trained_on_crops_samples_full_size(shapes_256_data_dir, tmp_path):
+def test_upsampler_trained_on_crops_samples_full_size(trained_upsampler):
     from dalle2_jax.evaluate import evaluate_workdir
-    from dalle2_jax.training.checkpoint import load_params
-    from dalle2_jax.training.trainer import Run, train
+    from dalle2_jax.training.checkpoint import load_params, read_config
+    from dalle2_jax.training.trainer import Run
 
-    workdir = str(tmp_path / "ups")
-    cfg = small_upsampler_config(shapes_256_data_dir, **{"model.max_noise_level": 100,
-                                                         "sampling.noise_level": 10})
-    train(cfg, workdir)
+    workdir, _ = trained_upsampler
+    cfg = read_config(workdir)
     result = evaluate_workdir(workdir)  # samples at the full 256x256 from 64x64 inputs
     for key in ("psnr", "psnr_bicubic", "ssim", "ssim_bicubic"):
         assert np.isfinite(result[key]), key

@@ -34,9 +34,11 @@ from dalle2_jax.diffusion.samplers import (
     analytic_variances,
     ddim_invert,
     estimate_analytic_gamma,
+    repaint_schedule,
     sample_analytic,
     sample_ddim,
     sample_ddpm,
+    sample_repaint,
 )
 from dalle2_jax.diffusion.schedules import (
     MODEL_OUTPUTS,
@@ -60,6 +62,7 @@ __all__ = [
     "learned_range_log_variance", "fixed_log_variance", "p_mean_variance", "normal_kl", "gaussian_log_likelihood",
     "discretized_gaussian_log_likelihood", "vb_terms_bpd", "training_losses",
     "clip_range", "dynamic_threshold", "process_x0",
-    "sample_ddpm", "sample_ddim", "ddim_invert", "estimate_analytic_gamma", "analytic_variances", "sample_analytic",
+    "sample_ddpm", "sample_ddim", "ddim_invert", "repaint_schedule", "sample_repaint",
+    "estimate_analytic_gamma", "analytic_variances", "sample_analytic",
     "combine_guidance", "cfg_denoiser", "cfg_denoiser_batched",
 ]

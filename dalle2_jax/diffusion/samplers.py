@@ -121,7 +121,8 @@ def sample_ddim(diff: Diffusion, denoise_fn: DenoiseFn, shape: tuple[int, ...], 
     return x
 
 
-def ddim_invert(diff: Diffusion, denoise_fn: DenoiseFn, x0: jax.Array, *, fixed_point_iters: int = 0) -> jax.Array:
+def ddim_invert(diff: Diffusion, denoise_fn: DenoiseFn, x0: jax.Array, *, fixed_point_iters: int = 0,
+                clip_x0: ClipRange = None, dynamic_threshold: float | None = None) -> jax.Array:
     """Deterministic DDIM encoding x0 [B, ...] -> x_T [B, ...] (the noise that eta=0 `sample_ddim` maps back).
 
     Step i moves x from noise level abar_prev[i] to abar[i]: x <- sqrt(abar / abar_prev) (x - sqrt(1 - abar_prev)
@@ -129,13 +130,14 @@ def ddim_invert(diff: Diffusion, denoise_fn: DenoiseFn, x0: jax.Array, *, fixed_
     The plain inversion uses eps at (x_old, t_i), a first-order approximation; each of `fixed_point_iters` extra
     model calls per step re-evaluates eps at the current estimate of the new x, which converges to the exact
     inverse of the sampling step where the step is small. The first step starts from the data (abar_prev = 1).
+    clip_x0 / dynamic_threshold: the same x0 processing as the sampler's (eps recomputed from the processed x0),
+    so the fixed point inverts a clipped sampler too.
     """
     x = x0.astype(jnp.float32)
 
     def eps_at(x, t, i):
         _, out = _call(diff, denoise_fn, x, i)
-        mean_out, _ = split_output(diff, out, x.shape)
-        return model_output_to_x0_eps(diff, x, t, mean_out)[1]
+        return _x0_eps(diff, x, t, out, clip_x0, dynamic_threshold)[1]
 
     def step(x, i):
         t = jnp.full((x.shape[0],), i, jnp.int32)
@@ -280,4 +282,74 @@ def sample_analytic(diff: Diffusion, denoise_fn: DenoiseFn, shape: tuple[int, ..
         return mean + std * jax.random.normal(k, x.shape, jnp.float32), None
 
     x, _ = jax.lax.scan(step, x, (_reverse_indices(diff), jax.random.split(key_loop, diff.num_steps)))
+    return x
+
+
+def repaint_schedule(num_steps: int, resample: int = 1, jump_length: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """RePaint's time travel (Lugmayr et al. 2022) as a list of moves over step indices.
+
+    Returns (is_down [K] bool, index [K] int32): a down move at index i denoises x_i -> x_{i-1} (i = 0 gives
+    x0) with the model at step i; an up move at index i re-noises x_{i-1} -> x_i with the forward process.
+    Every `jump_length` steps on the way down, the chain jumps `jump_length` steps back up and comes down
+    again, `resample - 1` times, so the known and generated regions harmonise. resample = 1 is plain
+    sampling (num_steps down moves).
+    """
+    if resample < 1 or jump_length < 1:
+        raise ValueError(f"resample ({resample}) and jump_length ({jump_length}) must be >= 1")
+    jumps = {j: resample - 1 for j in range(0, num_steps - jump_length, jump_length)}
+    is_down, index = [], []
+    level = num_steps - 1  # the chain holds x_level; it starts at pure noise
+    while level >= 0:
+        is_down.append(True)
+        index.append(level)
+        level -= 1
+        if jumps.get(level + 1, 0) > 0:
+            jumps[level + 1] -= 1
+            for _ in range(jump_length):
+                level += 1
+                is_down.append(False)
+                index.append(level)
+    return np.asarray(is_down, bool), np.asarray(index, np.int32)
+
+
+def sample_repaint(diff: Diffusion, denoise_fn: DenoiseFn, known_x0: jax.Array, known_mask: jax.Array,
+                   key: jax.Array, *, resample: int = 1, jump_length: int = 1, variance: str = "small",
+                   clip_x0: ClipRange = None, x_T: jax.Array | None = None) -> jax.Array:
+    """RePaint inpainting (Lugmayr et al. 2022) over the DDPM reverse process -> x0 [B, ...] float32.
+
+    known_x0 [B, ...]: the image whose known region is kept; known_mask [B, ...] (broadcastable, 1 = keep the
+    known value, 0 = generate). After every down move the known region is replaced by the forward-noised known
+    image at the new noise level (the known image itself at the end), so the returned x0 equals known_x0
+    exactly where the mask is 1. The reverse variance is learned when `diff.learned_variance`, else `variance`.
+    One `lax.scan` over `repaint_schedule(...)` moves; up moves call no model.
+    """
+    is_down, index = repaint_schedule(diff.num_steps, resample, jump_length)
+    known_x0 = known_x0.astype(jnp.float32)
+    mask = jnp.broadcast_to(jnp.asarray(known_mask, jnp.float32), known_x0.shape)
+    key_init, key_loop = jax.random.split(key)
+    x = _initial_noise(known_x0.shape, key_init, x_T)
+    abar_prev_all = jnp.asarray(diff.alphas_cumprod_prev, jnp.float32)
+    abar_all = jnp.asarray(diff.alphas_cumprod, jnp.float32)
+
+    def down(x, i, k):
+        k_step, k_known = jax.random.split(k)
+        t, out = _call(diff, denoise_fn, x, i)
+        mean, log_var, _ = p_mean_variance(diff, x, t, out, variance=variance, clip_x0=clip_x0)
+        std = jnp.where(i > 0, jnp.exp(0.5 * log_var), 0.0)
+        x_new = mean + std * jax.random.normal(k_step, x.shape, jnp.float32)
+        # the known image at the new level (abar_prev[i]; 1 at i = 0, i.e. the known image itself)
+        abar = abar_prev_all[i]
+        known = jnp.sqrt(abar) * known_x0 + jnp.sqrt(1.0 - abar) * jax.random.normal(k_known, x.shape, jnp.float32)
+        return mask * known + (1.0 - mask) * x_new
+
+    def up(x, i, k):
+        ratio = abar_all[i] / abar_prev_all[i]  # x_{i-1} -> x_i
+        return jnp.sqrt(ratio) * x + jnp.sqrt(1.0 - ratio) * jax.random.normal(k, x.shape, jnp.float32)
+
+    def step(x, inp):
+        d, i, k = inp
+        return jax.lax.cond(d, down, up, x, i, k), None
+
+    keys = jax.random.split(key_loop, len(index))
+    x, _ = jax.lax.scan(step, x, (jnp.asarray(is_down), jnp.asarray(index), keys))
     return x

@@ -193,18 +193,47 @@ class DecoderStage(FrozenClipMixin, ImageDiffusionStage):
                                       learned_variance=bool(self.config.diffusion.learned_variance))
 
     def make_sampler(self, steps: int | None = None, guidance_scale: float | None = None,
-                     sampler: str | None = None, eta: float | None = None):
-        """A jitted (params, image_emb [B, E], tokens [B, L], key) -> uint8 images [B, R, R, 3]: guided
-        sampling (DDPM with the learned variance, or DDIM) from given image embeddings and captions."""
+                     sampler: str | None = None, eta: float | None = None, clip_x0: bool | None = None):
+        """A jitted (params, image_emb [B, E], tokens [B, L], key[, x_T]) -> uint8 images [B, R, R, 3]: guided
+        sampling (DDPM with the learned variance, or DDIM) from given image embeddings and captions, starting
+        from x_T [B, R, R, 3] when given (e.g. DDIM-inverted noise) instead of noise drawn from `key`."""
         scale = float(self.config.sampling.guidance_scale if guidance_scale is None else guidance_scale)
         r = int(self.config.data.resolution)
 
-        def sample(params, image_emb, tokens, key):
+        def sample(params, image_emb, tokens, key, x_T=None):
             denoise = self.guided_denoiser(params, image_emb, tokens, scale)
-            x = self.run_sampler(denoise, (image_emb.shape[0], r, r, 3), key, steps, sampler, eta)
+            x = self.run_sampler(denoise, (image_emb.shape[0], r, r, 3), key, steps, sampler, eta, x_T=x_T,
+                                 clip_x0=clip_x0)
             return to_uint8(x)
 
         return jax.jit(sample)
+
+    def make_inverter(self, steps: int | None = None, guidance_scale: float | None = None,
+                      fixed_point_iters: int = 3):
+        """A jitted (params, image_emb [B, E], tokens [B, L], images uint8 [B, R, R, 3]) -> x_T [B, R, R, 3]:
+        the DDIM inversion of the images under the same guided denoiser and x0 clipping the sampler uses, so
+        DDIM with eta = 0 from x_T gives the images back (to the accuracy of the fixed-point iterations)."""
+        scale = float(self.config.sampling.guidance_scale if guidance_scale is None else guidance_scale)
+        clip = 1.0 if self.config.sampling.clip_x0 else None
+
+        def invert(params, image_emb, tokens, images):
+            denoise = self.guided_denoiser(params, image_emb, tokens, scale)
+            return D.ddim_invert(self.sampling_diffusion(steps), denoise, to_model_space(images),
+                                 fixed_point_iters=fixed_point_iters, clip_x0=clip)
+
+        return jax.jit(invert)
+
+    def make_inpainter(self, steps: int | None = None, guidance_scale: float | None = None, resample: int = 1,
+                       jump_length: int = 1):
+        """A jitted (params, image_emb [B, E], tokens [B, L], known uint8 [B, R, R, 3], keep [B, R, R] bool,
+        key) -> uint8 [B, R, R, 3]: RePaint over the guided decoder; kept pixels come back unchanged."""
+        scale = float(self.config.sampling.guidance_scale if guidance_scale is None else guidance_scale)
+
+        def inpaint(params, image_emb, tokens, known, keep, key):
+            denoise = self.guided_denoiser(params, image_emb, tokens, scale)
+            return to_uint8(self.run_repaint(denoise, known, keep, key, steps, resample, jump_length))
+
+        return jax.jit(inpaint)
 
     def evaluate(self, params: Any, mesh) -> dict:
         """Samples 64x64 images from test-image embeddings (with their captions) and reports the frozen

@@ -115,15 +115,26 @@ class ImageDiffusionStage(Stage):
         return D.respace(self.diffusion, int(steps or self.config.sampling.steps))[0]
 
     def run_sampler(self, denoise, shape: tuple, key: jax.Array, steps: int | None = None,
-                    sampler: str | None = None, eta: float | None = None) -> jax.Array:
-        """The configured sampler over `denoise(x_t, t)`: model-space images [*shape] float32 (traceable)."""
+                    sampler: str | None = None, eta: float | None = None, x_T: jax.Array | None = None,
+                    clip_x0: bool | None = None) -> jax.Array:
+        """The configured sampler over `denoise(x_t, t)`: model-space images [*shape] float32 (traceable).
+        x_T: the starting noise (default: drawn from `key`); clip_x0 overrides config.sampling.clip_x0."""
         s = self.config.sampling
         diff = self.sampling_diffusion(steps)
-        clip = 1.0 if s.clip_x0 else None
+        clip = 1.0 if (s.clip_x0 if clip_x0 is None else clip_x0) else None
         sampler = sampler or s.sampler
         if sampler == "ddpm":
-            return D.sample_ddpm(diff, denoise, shape, key, clip_x0=clip)
-        return D.sample_ddim(diff, denoise, shape, key, eta=float(s.eta if eta is None else eta), clip_x0=clip)
+            return D.sample_ddpm(diff, denoise, shape, key, clip_x0=clip, x_T=x_T)
+        return D.sample_ddim(diff, denoise, shape, key, eta=float(s.eta if eta is None else eta), clip_x0=clip,
+                             x_T=x_T)
+
+    def run_repaint(self, denoise, known_uint8: jax.Array, keep_mask: jax.Array, key: jax.Array,
+                    steps: int | None = None, resample: int = 1, jump_length: int = 1) -> jax.Array:
+        """RePaint inpainting over `denoise`: uint8 images [B, H, W, 3] whose pixels with keep_mask [B, H, W]
+        True are kept exactly and the rest regenerated -> model-space images [B, H, W, 3] (traceable)."""
+        clip = 1.0 if self.config.sampling.clip_x0 else None
+        return D.sample_repaint(self.sampling_diffusion(steps), denoise, to_model_space(known_uint8),
+                                keep_mask[..., None], key, resample=resample, jump_length=jump_length, clip_x0=clip)
 
     def diffusion_loss(self, model_fn, x0: jax.Array, rng: jax.Array) -> tuple[jax.Array, dict]:
         """Mean diffusion loss of model_fn(x_t, t) on model-space images x0 [B, H, W, 3], with metrics

@@ -279,7 +279,7 @@ class PriorStage(FrozenClipMixin, Stage):
         return jax.jit(estimate)
 
     def make_sampler(self, steps: int | None = None, guidance_scale: float | None = None,
-                     num_candidates: int | None = None, sampler: str | None = None):
+                     num_candidates: int | None = None, sampler: str | None = None, eta: float | None = None):
         """A jitted (params, text_emb [B,E] unit, states [B,L,W], valid [B,L], key[, gamma]) -> unit image
         embeddings [B, E]: guided sampling of `num_candidates` per caption, keeping the one with the highest
         dot product with the text embedding. The analytic sampler also takes Gamma (make_gamma_estimator)."""
@@ -287,6 +287,7 @@ class PriorStage(FrozenClipMixin, Stage):
         sampler = sampler or s.sampler
         scale_g = float(s.guidance_scale if guidance_scale is None else guidance_scale)
         k = int(num_candidates or s.num_candidates)
+        eta = float(s.eta if eta is None else eta)
         diff = self.sampling_diffusion(steps)
 
         def sample(params, txt, states, valid, key, gamma=None):
@@ -295,11 +296,11 @@ class PriorStage(FrozenClipMixin, Stage):
             denoise = self._denoiser(params, rep(txt), rep(states), rep(valid), scale_g)
             shape = (b * k, self.clip_embed_dim)
             if sampler == "ddim":
-                x0 = D.sample_ddim(diff, denoise, shape, key, eta=float(s.eta))
+                x0 = D.sample_ddim(diff, denoise, shape, key, eta=eta)
             elif sampler == "ddpm":
                 x0 = D.sample_ddpm(diff, denoise, shape, key)
             else:
-                x0 = D.sample_analytic(diff, denoise, shape, key, gamma=gamma, eta=float(s.eta))
+                x0 = D.sample_analytic(diff, denoise, shape, key, gamma=gamma, eta=eta)
             cand = self.from_diffusion(x0).reshape(b, k, -1)
             best = jnp.argmax(jnp.einsum("bke,be->bk", cand, txt), axis=1)
             return jnp.take_along_axis(cand, best[:, None, None], axis=1)[:, 0]

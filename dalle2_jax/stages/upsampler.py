@@ -106,21 +106,35 @@ class UpsamplerStage(ImageDiffusionStage):
         return self.diffusion_loss(model_fn, to_model_space(batch["high"]), k_diff)
 
     # --- sampling and evaluation ----------------------------------------------------------------------
+    def _denoiser(self, params: Any, low_uint8: jax.Array, key: jax.Array):
+        """(denoise_fn, key for the sampler) conditioned on the (noise-level-augmented) low-res images."""
+        level = int(self.config.sampling.noise_level) if self.config.model.max_noise_level else 0
+        k_noise, k_sample = jax.random.split(key)
+        levels = jnp.full((low_uint8.shape[0],), level, jnp.int32)
+        low = self.noised_low_res(to_model_space(low_uint8), levels, k_noise)
+        return (lambda x, t: self.unet.apply(params, x, t, low_res=low, noise_level=levels)), k_sample
+
     def make_sampler(self, steps: int | None = None, sampler: str | None = None, eta: float | None = None):
         """A jitted (params, low uint8 [B, h, w, 3], key) -> uint8 [B, h*f, w*f, 3]: sampling at the size the
         low-res input implies (full size at evaluation, any multiple of the UNet's downsampling)."""
-        level = int(self.config.sampling.noise_level) if self.config.model.max_noise_level else 0
 
         def sample(params, low_uint8, key):
             b, h, w, _ = low_uint8.shape
-            k_noise, k_sample = jax.random.split(key)
-            levels = jnp.full((b,), level, jnp.int32)
-            low = self.noised_low_res(to_model_space(low_uint8), levels, k_noise)
-            denoise = lambda x, t: self.unet.apply(params, x, t, low_res=low, noise_level=levels)  # noqa: E731
+            denoise, k_sample = self._denoiser(params, low_uint8, key)
             x = self.run_sampler(denoise, (b, h * self.factor, w * self.factor, 3), k_sample, steps, sampler, eta)
             return to_uint8(x)
 
         return jax.jit(sample)
+
+    def make_inpainter(self, steps: int | None = None, resample: int = 1, jump_length: int = 1):
+        """A jitted (params, low uint8 [B, h, w, 3], known uint8 [B, h*f, w*f, 3], keep [B, h*f, w*f] bool, key)
+        -> uint8 [B, h*f, w*f, 3]: RePaint upsampling that keeps the known high-res pixels where `keep`."""
+
+        def inpaint(params, low_uint8, known, keep, key):
+            denoise, k_sample = self._denoiser(params, low_uint8, key)
+            return to_uint8(self.run_repaint(denoise, known, keep, k_sample, steps, resample, jump_length))
+
+        return jax.jit(inpaint)
 
     def evaluate(self, params: Any, mesh) -> dict:
         """psnr / ssim of full-size samples against the true high-res test images, next to bicubic
