@@ -71,8 +71,11 @@ def test_export_writes_ema_params_and_a_manifest(tiny_bundle, pipe, trained_clip
     assert pipe.resolution == 256
 
 
-def test_export_bfloat16_and_refusals(tmp_path, trained_clip, trained_prior, trained_decoder, trained_upsampler):
+def test_export_bfloat16_and_refusals(tmp_path, pipe, trained_clip, trained_prior, trained_decoder,
+                                      trained_upsampler):
     from dalle2_jax.inference.bundle import BundleError, export_bundle, load_bundle
+    from dalle2_jax.inference.errors import InputError
+    from dalle2_jax.inference.pipeline import UnCLIPPipeline
     from dalle2_jax.training.checkpoint import load_params
 
     out = str(tmp_path / "bf16")
@@ -87,6 +90,11 @@ def test_export_bfloat16_and_refusals(tmp_path, trained_clip, trained_prior, tra
     _, ema, _ = load_params(trained_decoder[0])
     for x, y in zip(jax.tree.leaves(ema), jax.tree.leaves(bundle.stages[1].params)):
         assert y.dtype == jax.numpy.bfloat16 and np.array_equal(np.asarray(x.astype(y.dtype)), np.asarray(y))
+    small = UnCLIPPipeline(bundle)  # no prior: text goes through the decoder's CLIP module, bf16 params
+    tokens, _ = small.tokenize(["a red circle", "a blue star"])
+    np.testing.assert_allclose(small.encode_text(tokens)[0], pipe.encode_text(tokens)[0], atol=0.05)
+    with pytest.raises(InputError, match="this bundle has no prior"):
+        small.generate("a red circle")
     with pytest.raises(BundleError, match="exists; pass --overwrite"):
         export_bundle(out, trained_clip, trained_decoder[0])
     with pytest.raises(BundleError, match="is a 'decoder' workdir, not a 'prior' one"):
