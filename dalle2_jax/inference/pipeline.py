@@ -224,17 +224,10 @@ class UnCLIPPipeline:
 
     def encode_text(self, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """tokens [N, L] -> (unit text embeddings [N, E], token states [N, L, W], valid mask [N, L])."""
-        fn = self._fn(("text",), lambda: jax.jit(self._clip_text))
+        stage = (self.prior or self.decoder).stage  # both carry the frozen CLIP's text tower
+        fn = self._fn(("text",), lambda: jax.jit(stage.clip_text))
         emb, states, valid = fn(self.clip.params, tokens)
         return np.asarray(emb), np.asarray(states), np.asarray(valid)
-
-    def _clip_text(self, clip_params, tokens):
-        if self.prior is not None:
-            return self.prior.stage.clip_text(clip_params, tokens)
-        dec = self.decoder.stage  # a bundle without a prior: the decoder's copy of the CLIP module
-        emb, states = dec.clip.apply(clip_params, tokens, method=dec.clip.encode_text_full)
-        emb = emb * jax.lax.rsqrt(jnp.sum(emb * emb, axis=-1, keepdims=True) + 1e-12)
-        return emb, states, tokens != dec.pad_id
 
     def embed_images(self, images: np.ndarray) -> np.ndarray:
         """uint8 [N, S, S, 3] at the CLIP's image size -> the decoder's conditioning embeddings [N, E]."""

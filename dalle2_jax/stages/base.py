@@ -100,6 +100,16 @@ class FrozenClipMixin:
         if not os.path.exists(dst) and jax.process_index() == 0:
             shutil.copytree(src, dst)
 
+    def clip_text(self, clip_params: Any, tokens: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """tokens [B, L] -> (unit text embedding [B, E], token states [B, L, W], valid mask [B, L]) of the
+        frozen CLIP (`self.clip`, built by the stage's setup_model)."""
+        import jax.numpy as jnp
+
+        emb, states = self.clip.apply(clip_params, tokens, method=self.clip.encode_text_full)
+        emb = emb * jax.lax.rsqrt(jnp.sum(emb * emb, axis=-1, keepdims=True) + 1e-12)
+        pad = int(self.tokenizer.pad_id) if self.tokenizer is not None else 0
+        return jax.lax.stop_gradient(emb), jax.lax.stop_gradient(states.astype(jnp.float32)), tokens != pad
+
     def clip_params(self):
         """The frozen CLIP's (EMA) params, loaded once."""
         from dalle2_jax.training.checkpoint import load_params

@@ -216,13 +216,6 @@ class PriorStage(FrozenClipMixin, Stage):
             process_count=process_count)
 
     # --- the step -------------------------------------------------------------------------------------
-    def clip_text(self, clip_params: Any, tokens: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """tokens [B, L] -> (unit text embedding [B, E], token states [B, L, W], valid mask [B, L])."""
-        emb, states = self.clip.apply(clip_params, tokens, method=self.clip.encode_text_full)
-        emb = emb * jax.lax.rsqrt(jnp.sum(emb * emb, axis=-1, keepdims=True) + 1e-12)
-        return jax.lax.stop_gradient(emb), jax.lax.stop_gradient(states.astype(jnp.float32)), \
-            tokens != self.tokenizer_pad_id()
-
     def tokenizer_pad_id(self) -> int:
         return int(self.tokenizer.pad_id) if self.tokenizer is not None else 0
 
