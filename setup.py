@@ -13,6 +13,9 @@ INSTALL_REQUIRES = [
     "ml-collections>=1.1.0",
     "tensorboardX>=2.6.5",
     "tokenizers>=0.23",
+    "ftfy>=6.1",  # CLIP's text cleaning (its BPE tokenizer)
+    "regex>=2023.0",  # CLIP's pre-tokenisation pattern (\p{L}, \p{N})
+    "safetensors>=0.4",  # reading released CLIP weights without torch
     "pillow>=11",
     "numpy>=2.0",
     "absl-py>=2.0",
@@ -30,6 +33,7 @@ setup(
     packages=find_packages(include=["dalle2_jax", "dalle2_jax.*", "configs"]),
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
+    package_data={"dalle2_jax": ["assets/*"]},  # CLIP's BPE merges and their MIT notice
     extras_require={
         "test": ["pytest>=8", "ruff>=0.6"],
         "tpu": ["jax[tpu]>=0.10.2"],

@@ -1,4 +1,6 @@
-"""CLIP stage configs: `tiny` (learns shapes on 2 CPU cores in minutes), `base`, `paper` (ViT-H/16 at 256 px).
+"""CLIP stage configs: `tiny` (learns shapes on 2 CPU cores in minutes), `base`, `paper` (ViT-H/16 at 256 px),
+and the released architectures under open_clip's names (ViT-B-32, ViT-B-16, ViT-L-14, ViT-L-14-336, ViT-H-14,
+each also `-quickgelu`), which `dalle2_jax.tools.import_clip` fills with pretrained weights.
 
 Use: `python -m dalle2_jax.train --config configs/clip.py:tiny --workdir DIR [--config.total_steps=200]`.
 """
@@ -15,8 +17,55 @@ def _tower(width: int, depth: int, heads: int, mlp_ratio: float = 4.0, act: str 
     return ml_collections.ConfigDict(dict(width=width, depth=depth, heads=heads, mlp_ratio=mlp_ratio, act=act))
 
 
+# open_clip's model_configs/<name>.json: embed dim, vision (image size, layers, width, head width, patch),
+# text (width, heads, layers); context 77 and vocabulary 49408 everywhere, MLP ratio 4.
+OPEN_CLIP_ARCHS = {
+    "ViT-B-32": (512, (224, 12, 768, 64, 32), (512, 8, 12)),
+    "ViT-B-16": (512, (224, 12, 768, 64, 16), (512, 8, 12)),
+    "ViT-L-14": (768, (224, 24, 1024, 64, 14), (768, 12, 12)),
+    "ViT-L-14-336": (768, (336, 24, 1024, 64, 14), (768, 12, 12)),
+    "ViT-H-14": (1024, (224, 32, 1280, 80, 14), (1024, 16, 24)),
+}
+QUICKGELU_SUFFIX = "-quickgelu"
+
+
+def arch_names() -> list[str]:
+    """The released architectures this file defines (open_clip names)."""
+    return [n + q for n in OPEN_CLIP_ARCHS for q in ("", QUICKGELU_SUFFIX)]
+
+
+def _open_clip_arch(c: ml_collections.ConfigDict, name: str) -> None:
+    """Sets c.model (and the data resolution) to open_clip's architecture `name`: exact-erf GELU, or
+    QuickGELU (x * sigmoid(1.702 x), OpenAI's weights and the *-quickgelu names), LayerNorm eps 1e-5,
+    bias-free patch conv, class token, CLIP's own BPE tokenizer (77 tokens)."""
+    quick = name.endswith(QUICKGELU_SUFFIX)
+    embed, (size, v_layers, v_width, head_width, patch), (t_width, t_heads, t_layers) = \
+        OPEN_CLIP_ARCHS[name[: -len(QUICKGELU_SUFFIX)] if quick else name]
+    act = "quick_gelu" if quick else "gelu"
+    m = c.model
+    m.arch = name
+    m.embed_dim = embed
+    m.text = _tower(t_width, t_layers, t_heads, act=act)
+    m.text.update(dict(context_length=77, vocab_size=49408, tokenizer="clip_bpe"))
+    m.vision = _tower(v_width, v_layers, v_width // head_width, act=act)
+    m.vision.update(dict(image_size=size, stem="patch", patch_size=patch, conv_channels=(),
+                         mean=CLIP_MEAN, std=CLIP_STD))
+    m.dtype = "float32"
+    m.scan_layers = False
+    c.data.resolution = size
+    # Fine-tuning from an import (init_from): open_clip's recipe values
+    c.batch_size = 1024
+    c.optimizer.learning_rate = 1e-5
+    c.optimizer.warmup_steps = 500
+    c.optimizer.weight_decay = 0.1
+    c.total_steps = 10_000
+    c.log_every = 100
+    c.eval_every = 2000
+    c.checkpoint_every = 1000
+
+
 def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
-    """The CLIP config variant `arg` (tiny | base | paper)."""
+    """The CLIP config variant `arg` (tiny | base | paper | an open_clip name from arch_names())."""
     c = base_config()
     c.stage = "clip"
     m = c.model = ml_collections.ConfigDict()
@@ -31,6 +80,8 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     m.text = _tower(128, 2, 4)
     m.text.context_length = 20  # the longest built-in caption is 16 words
     m.text.vocab_size = 512
+    m.text.tokenizer = "bpe"  # bpe: trained on the captions | clip_bpe: CLIP's own (49408 tokens)
+    m.arch = ""  # an open_clip architecture name for the released variants
     m.vision = _tower(128, 2, 4)
     m.vision.image_size = 64
     m.vision.stem = "conv"
@@ -61,6 +112,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         c.model.text = _tower(512, 8, 8)
         c.model.text.context_length = 32
         c.model.text.vocab_size = 4096
+        c.model.text.tokenizer = "bpe"
         c.model.vision = _tower(512, 8, 8)
         c.model.vision.update(dict(image_size=64, stem="patch", patch_size=4, conv_channels=(),
                                    mean=CLIP_MEAN, std=CLIP_STD))
@@ -80,6 +132,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         c.model.text = _tower(1024, 24, 16)
         c.model.text.context_length = 77
         c.model.text.vocab_size = 49408
+        c.model.text.tokenizer = "clip_bpe"
         c.model.vision = _tower(1280, 32, 16)
         c.model.vision.update(dict(image_size=256, stem="patch", patch_size=16, conv_channels=(),
                                    mean=CLIP_MEAN, std=CLIP_STD))
@@ -97,6 +150,8 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         c.log_every = 100
         c.eval_every = 10_000
         c.checkpoint_every = 1000
+    elif arg in arch_names():
+        _open_clip_arch(c, arg)
     else:
-        raise ValueError(f"unknown clip config {arg!r}; use tiny, base or paper")
+        raise ValueError(f"unknown clip config {arg!r}; use tiny, base, paper or one of {arch_names()}")
     return c

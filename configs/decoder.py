@@ -1,5 +1,7 @@
 """Decoder configs (64x64 GLIDE-style UNet conditioned on the CLIP image embedding): `tiny` (2 CPU cores),
-`base`, `paper` (DALL-E 2 appendix C: 3.5B with its caption transformer).
+`base`, `paper` (DALL-E 2 appendix C: 3.5B with its caption transformer), and `clip512` / `clip768` /
+`clip1024` for released CLIPs imported with tools.import_clip (the 64 px decoder on your data; the CLIP's
+224 px input is made from each source image with CLIP's preprocessing).
 
 Use: `python -m dalle2_jax.train --config configs/decoder.py:tiny --workdir DIR --config.clip_workdir=CLIP_DIR`.
 """
@@ -26,6 +28,15 @@ def unet_model_config() -> ml_collections.ConfigDict:
     m.dtype = "float32"
     m.remat = "none"  # none | full | dots_saveable | dots_with_no_batch_dims_saveable
     return m
+
+
+# variant -> (CLIP embed dim, (UNet channels, caption width, depth, heads)) for configs/clip.py's released CLIPs;
+# clip768 has karlo's UNet width (320 channels, mults 1,2,3,4, 3 blocks, attention at 32/16/8, 64-d heads)
+RELEASED_CLIP_DECODERS = {
+    "clip512": (512, (192, 512, 8, 8)),  # ViT-B-32, ViT-B-16
+    "clip768": (768, (320, 768, 12, 12)),  # ViT-L-14
+    "clip1024": (1024, (512, 1024, 16, 16)),  # ViT-H-14
+}
 
 
 def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
@@ -118,6 +129,26 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         c.checkpoint_every = 2000
         c.data.name = ""  # set to your prepared image-text TFDS data set
         c.data.image_key = "image"
+    elif arg in RELEASED_CLIP_DECODERS:
+        embed, (m.channels, m.caption_width, m.caption_depth, m.caption_heads) = RELEASED_CLIP_DECODERS[arg]
+        m.num_res_blocks, m.channel_mult = 3, (1, 2, 3, 4)
+        m.attention_resolutions, m.head_channels = (32, 16, 8), 64
+        m.clip_embed_dim, m.clip_vocab_size, m.clip_context_length = embed, 49408, 77
+        m.dtype = "bfloat16"
+        m.remat = "full"
+        c.batch_size = 1024
+        c.total_steps = 500_000
+        c.optimizer.learning_rate = 1.2e-4
+        c.optimizer.warmup_steps = 10_000
+        c.optimizer.ema_decay = 0.9999
+        c.sampling.steps = 100
+        c.sampling.guidance_scale = 8.0  # karlo's default
+        c.log_every = 100
+        c.eval_every = 10_000
+        c.checkpoint_every = 2000
+        c.data.name = ""  # your prepared image-text TFDS data set (tools.build_folder)
+        c.data.image_key = "image"
     else:
-        raise ValueError(f"unknown decoder config {arg!r}; use tiny, base or paper")
+        raise ValueError(f"unknown decoder config {arg!r}; use tiny, base, paper or one of "
+                         f"{sorted(RELEASED_CLIP_DECODERS)}")
     return c

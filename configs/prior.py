@@ -1,4 +1,6 @@
-"""Diffusion prior configs: `tiny` (2 CPU cores), `base`, `paper` (width 2048, 24 blocks, ~1.2B params).
+"""Diffusion prior configs: `tiny` (2 CPU cores), `base`, `paper` (width 2048, 24 blocks, ~1.2B params), and
+`clip512` / `clip768` / `clip1024` for released CLIPs imported with tools.import_clip (ViT-B-*, ViT-L-14,
+ViT-H-14: embeddings 512, 768, 1024 wide; images at the CLIP's 224 px; your data set).
 
 Use: `python -m dalle2_jax.train --config configs/prior.py:tiny --workdir DIR --config.clip_workdir=CLIP_DIR`.
 """
@@ -10,8 +12,16 @@ import ml_collections
 from dalle2_jax.training.config import base_config
 
 
+# variant -> (CLIP embed dim, CLIP text width, (prior width, depth, heads)) for configs/clip.py's released CLIPs
+RELEASED_CLIP_PRIORS = {
+    "clip512": (512, 512, (1024, 12, 16)),  # ViT-B-32, ViT-B-16
+    "clip768": (768, 768, (2048, 20, 32)),  # ViT-L-14 (karlo: width 2048, 20 layers, 32 heads)
+    "clip1024": (1024, 1024, (2048, 24, 32)),  # ViT-H-14 (the paper's prior)
+}
+
+
 def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
-    """The prior config variant `arg` (tiny | base | paper)."""
+    """The prior config variant `arg` (tiny | base | paper | clip512 | clip768 | clip1024)."""
     c = base_config()
     c.stage = "prior"
     c.clip_workdir = ""  # required: a CLIP workdir (trained or imported)
@@ -100,6 +110,29 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         c.data.name = ""  # set to your prepared image-text TFDS data set
         c.data.image_key = "image"
         c.data.resolution = 256
+    elif arg in RELEASED_CLIP_PRIORS:
+        # On an imported CLIP: the transformer sized for the embedding (clip768 is karlo's ViT-L/14 prior,
+        # clip1024 the paper's), standardised embeddings (karlo's clip_mean / clip_std), text context 77.
+        embed, text_width, (m.width, m.depth, m.heads) = RELEASED_CLIP_PRIORS[arg]
+        m.clip_embed_dim, m.clip_text_width, m.clip_context_length = embed, text_width, 77
+        m.embedding_norm = "standardize"
+        m.dtype = "bfloat16"
+        m.remat = "dots_with_no_batch_dims_saveable"
+        m.scan_layers = True
+        c.batch_size = 4096
+        c.total_steps = 400_000
+        c.optimizer.learning_rate = 1.1e-4
+        c.optimizer.warmup_steps = 5000
+        c.optimizer.ema_decay = 0.9999
+        c.sampling.steps = 64
+        c.sampling.guidance_scale = 4.0  # karlo's default
+        c.log_every = 100
+        c.eval_every = 10_000
+        c.checkpoint_every = 2000
+        c.data.name = ""  # your prepared image-text TFDS data set (tools.build_folder)
+        c.data.image_key = "image"
+        c.data.resolution = 224  # the CLIP's input size (336 for ViT-L-14-336)
     else:
-        raise ValueError(f"unknown prior config {arg!r}; use tiny, base or paper")
+        raise ValueError(f"unknown prior config {arg!r}; use tiny, base, paper or one of "
+                         f"{sorted(RELEASED_CLIP_PRIORS)}")
     return c

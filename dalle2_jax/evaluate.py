@@ -20,11 +20,17 @@ def define_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_bool("raw_params", False, "Evaluate the raw params instead of the EMA params.", flag_values=fv)
     flags.DEFINE_integer("max_examples", None, "Evaluate at most this many examples (default: config).",
                          flag_values=fv)
+    flags.DEFINE_string("data_name", None, "Evaluate on this TFDS data set instead of the workdir's "
+                        "config.data.name (e.g. an imported CLIP on your own data).", flag_values=fv)
+    flags.DEFINE_string("data_dir", None, "TFDS data dir (default: the workdir's config.data.data_dir).",
+                        flag_values=fv)
 
 
 def evaluate_workdir(workdir: str, step: int | None = None, raw_params: bool = False,
-                     max_examples: int | None = None) -> dict:
-    """Evaluates a workdir's checkpoint with its stage's evaluation; returns the metrics dict."""
+                     max_examples: int | None = None, data_name: str | None = None,
+                     data_dir: str | None = None) -> dict:
+    """Evaluates a workdir's checkpoint with its stage's evaluation (on its own data set, or `data_name` in
+    `data_dir`); returns the metrics dict."""
     import jax
 
     from dalle2_jax.data import pipeline
@@ -39,6 +45,10 @@ def evaluate_workdir(workdir: str, step: int | None = None, raw_params: bool = F
     config.mesh.update(dict(data=-1, fsdp=1, tensor=1))  # evaluation shards the batch over every device
     if max_examples is not None:
         config.eval.max_examples = max_examples
+    if data_name:
+        config.data.name = data_name
+    if data_dir:
+        config.data.data_dir = data_dir
     stage = get_stage_class(config.stage)(config, workdir)
     stage.setup_model()
     pipeline.prepare_dataset(config.data)
@@ -59,7 +69,7 @@ def evaluate_workdir(workdir: str, step: int | None = None, raw_params: bool = F
 
 def main(fv: flags.FlagValues) -> None:
     with exit_on_errors():
-        result = evaluate_workdir(fv.workdir, fv.step, fv.raw_params, fv.max_examples)
+        result = evaluate_workdir(fv.workdir, fv.step, fv.raw_params, fv.max_examples, fv.data_name, fv.data_dir)
     print(json.dumps(result, sort_keys=True), flush=True)
 
 

@@ -1,16 +1,23 @@
 """Tokenizers, saved into and loaded from workdirs (`<workdir>/tokenizer/`).
 
-`BpeTokenizer` is a byte-level BPE trained offline on the training captions with Hugging Face
-`tokenizers` (no download). A tokenizer directory holds the tokenizer's own files and
-`tokenizer_meta.json`, naming its kind, the start/end-of-text ids, the padding id and the context length;
-text is pooled at `eot_id`. Encoding gives [SOT] tokens... [EOT] then zero padding; over-long text is
-truncated keeping the end token.
+`BpeTokenizer` (kind "bpe") is a byte-level BPE trained offline on the training captions with Hugging
+Face `tokenizers` (no download). `ClipBpeTokenizer` (kind "clip_bpe") is CLIP's own BPE (OpenAI CLIP /
+open_clip, 49408 tokens), built from its merges file, which ships with the package
+(`dalle2_jax/assets/bpe_simple_vocab_16e6.txt.gz`, MIT, OpenAI) and is copied into the workdir.
+
+A tokenizer directory holds the tokenizer's own files and `tokenizer_meta.json`, naming its kind, the
+start/end-of-text ids, the padding id and the context length; text is pooled at `eot_id`. Encoding gives
+[SOT] tokens... [EOT] then zero padding; over-long text is truncated keeping the end token.
 """
 
 from __future__ import annotations
 
+import functools
+import gzip
+import html
 import json
 import os
+import shutil
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -82,7 +89,142 @@ class BpeTokenizer:
         return cls(Tokenizer.from_file(os.path.join(directory, meta["file"])), meta["context_length"])
 
 
-TOKENIZER_KINDS = {"bpe": BpeTokenizer}
+CLIP_BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
+CLIP_NUM_MERGES = 49152 - 256 - 2  # merges used: vocab 49408 = 256 bytes + 256 word-final + merges + 2
+
+
+def default_clip_bpe_path() -> str:
+    """The CLIP merges file shipped with the package (see dalle2_jax/assets/LICENSE-clip-bpe.txt)."""
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", CLIP_BPE_FILE)
+
+
+@functools.lru_cache()
+def _byte_symbols() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character table, in the id order of CLIP's first 256 tokens:
+    the printable bytes as themselves, then the other bytes (ascending) as chr(256 + n)."""
+    printable = (list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAC + 1))
+                 + list(range(0xAE, 0xFF + 1)))
+    table = {b: chr(b) for b in printable}
+    others = [b for b in range(256) if b not in table]
+    table.update({b: chr(256 + n) for n, b in enumerate(others)})
+    return table
+
+
+def clip_clean(text: str) -> str:
+    """CLIP's text cleaning ('lower'): ftfy.fix_text, HTML unescape twice, strip, whitespace runs to one
+    space, lowercase."""
+    import ftfy
+
+    text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+    return " ".join(text.split()).strip().lower()
+
+
+class ClipBpeTokenizer:
+    """CLIP's BPE: ids 0-255 bytes, 256-511 word-final bytes, then the merges, sot 49406, eot 49407;
+    zero padding (pad id 0, which is also the token '!': harmless, the text tower pools at the EOT)."""
+
+    kind = "clip_bpe"
+    special_tokens = ("<start_of_text>", "<end_of_text>")
+
+    def __init__(self, bpe_path: str | None = None, context_length: int = 77):
+        import regex
+
+        self.bpe_path = bpe_path or default_clip_bpe_path()
+        with gzip.open(self.bpe_path, "rt", encoding="utf-8") as f:
+            lines = f.read().split("\n")[1: CLIP_NUM_MERGES + 1]
+        merges = [tuple(line.split()) for line in lines]
+        symbols = list(_byte_symbols().values())
+        vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges] + list(self.special_tokens)
+        self.encoder = {tok: i for i, tok in enumerate(vocab)}
+        self.decoder = vocab
+        self.ranks = {m: i for i, m in enumerate(merges)}
+        self.byte_encoder = _byte_symbols()
+        self.byte_decoder = {c: b for b, c in self.byte_encoder.items()}
+        self._cache: dict[str, tuple[str, ...]] = {t: (t,) for t in self.special_tokens}
+        self._pattern = regex.compile("|".join(self.special_tokens)
+                                      + r"""|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
+                                      regex.IGNORECASE)
+        self.context_length = int(context_length)
+        self.vocab_size = len(vocab)
+        self.pad_id = 0
+        self.sot_id, self.eot_id = self.encoder[self.special_tokens[0]], self.encoder[self.special_tokens[1]]
+
+    def _bpe(self, piece: str) -> tuple[str, ...]:
+        """One pre-tokenised piece (byte symbols) -> its BPE symbols, the last one ending in </w>."""
+        if piece in self._cache:
+            return self._cache[piece]
+        word = tuple(piece[:-1]) + (piece[-1] + "</w>",)
+        while len(word) > 1:
+            pairs = set(zip(word[:-1], word[1:]))
+            best = min(pairs, key=lambda p: self.ranks.get(p, float("inf")))
+            if best not in self.ranks:
+                break
+            merged, i = [], 0
+            while i < len(word):
+                if i < len(word) - 1 and word[i] == best[0] and word[i + 1] == best[1]:
+                    merged.append(word[i] + word[i + 1])
+                    i += 2
+                else:
+                    merged.append(word[i])
+                    i += 1
+            word = tuple(merged)
+        self._cache[piece] = word
+        return word
+
+    def encode_ids(self, text: str) -> list[int]:
+        """text -> token ids without SOT/EOT or truncation."""
+        ids: list[int] = []
+        for piece in self._pattern.findall(clip_clean(text)):
+            symbols = "".join(self.byte_encoder[b] for b in piece.encode("utf-8"))
+            ids.extend(self.encoder[s] for s in self._bpe(symbols))
+        return ids
+
+    def encode_batch(self, texts: Sequence[str]) -> np.ndarray:
+        """texts -> int32 ids [N, context_length]: SOT, tokens, EOT, zero padding; over-long text is cut to
+        the context and its last position set to EOT (as open_clip does)."""
+        out = np.zeros((len(texts), self.context_length), np.int32)
+        for i, text in enumerate(texts):
+            ids = [self.sot_id] + self.encode_ids(text) + [self.eot_id]
+            if len(ids) > self.context_length:
+                ids = ids[: self.context_length]
+                ids[-1] = self.eot_id
+            out[i, : len(ids)] = ids
+        return out
+
+    def encode(self, text: str) -> np.ndarray:
+        """One text -> int32 ids [context_length]."""
+        return self.encode_batch([text])[0]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """ids -> text (as cleaned: lowercased), up to the first EOT, without SOT."""
+        symbols = [self.decoder[i] for i in (int(i) for i in ids) if i != self.sot_id]
+        if self.special_tokens[1] in symbols:
+            symbols = symbols[: symbols.index(self.special_tokens[1])]
+        words = "".join(symbols).split("</w>")
+        return " ".join(bytearray(self.byte_decoder[c] for c in w).decode("utf-8", errors="replace")
+                        for w in words if w)
+
+    def is_truncated(self, text: str) -> bool:
+        """Whether `text` does not fit the context (it would lose tokens)."""
+        return len(self.encode_ids(text)) > self.context_length - 2
+
+    def save(self, directory: str) -> None:
+        """Copies the merges file into `directory` and writes tokenizer_meta.json."""
+        os.makedirs(directory, exist_ok=True)
+        dst = os.path.join(directory, CLIP_BPE_FILE)
+        if os.path.abspath(self.bpe_path) != os.path.abspath(dst):
+            shutil.copyfile(self.bpe_path, dst)
+        meta = dict(kind=self.kind, file=CLIP_BPE_FILE, context_length=self.context_length,
+                    vocab_size=self.vocab_size, pad_id=self.pad_id, sot_id=self.sot_id, eot_id=self.eot_id)
+        with open(os.path.join(directory, META_FILE), "w") as f:
+            json.dump(meta, f, indent=2)
+
+    @classmethod
+    def load(cls, directory: str, meta: dict) -> "ClipBpeTokenizer":
+        return cls(os.path.join(directory, meta["file"]), meta["context_length"])
+
+
+TOKENIZER_KINDS = {"bpe": BpeTokenizer, "clip_bpe": ClipBpeTokenizer}
 
 
 def load_tokenizer(directory: str):

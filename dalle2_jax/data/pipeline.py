@@ -17,6 +17,8 @@ import grain
 import numpy as np
 from PIL import Image
 
+from dalle2_jax.images import resize_shortest_center_crop
+
 DEFAULT_DATA_DIR = os.path.join("~", "tensorflow_datasets")
 
 
@@ -67,20 +69,10 @@ def open_source(data_cfg, split: str, skip_decoding: Sequence[str] = ()):
 
 def decode_image(data: bytes | np.ndarray, resolution: int) -> np.ndarray:
     """Encoded image bytes (or an array) -> uint8 [R, R, 3]: RGB, shortest side resized to R (bicubic,
-    antialiased), then center-cropped."""
-    if isinstance(data, np.ndarray):
-        img = Image.fromarray(data.squeeze(-1) if data.ndim == 3 and data.shape[-1] == 1 else data)
-    else:
-        img = Image.open(io.BytesIO(data))
-    img = img.convert("RGB")
-    w, h = img.size
-    if (w, h) != (resolution, resolution):
-        scale = resolution / min(w, h)
-        nw, nh = max(resolution, round(w * scale)), max(resolution, round(h * scale))
-        img = img.resize((nw, nh), Image.BICUBIC, reducing_gap=None)
-        left, top = (nw - resolution) // 2, (nh - resolution) // 2
-        img = img.crop((left, top, left + resolution, top + resolution))
-    return np.asarray(img, dtype=np.uint8)
+    antialiased), then center-cropped, exactly as CLIP's reference preprocessing
+    (images.resize_shortest_center_crop)."""
+    img = data if isinstance(data, np.ndarray) else Image.open(io.BytesIO(data))
+    return resize_shortest_center_crop(img, resolution)
 
 
 def _as_text(value: Any) -> str:
@@ -92,14 +84,22 @@ def _as_text(value: Any) -> str:
 
 
 class DecodeExample(grain.transforms.Map):
-    """TFDS record -> {'image': uint8 [R, R, 3], 'caption': str} (plus extra keys if asked)."""
+    """TFDS record -> {'image': uint8 [R, R, 3], 'caption': str} (plus 'clip_image' uint8 [C, C, 3] when
+    `clip_resolution` is set: the frozen CLIP's input when its size differs from the stage's, made from the
+    source image with CLIP's preprocessing)."""
 
-    def __init__(self, image_key: str, text_key: str, resolution: int):
+    def __init__(self, image_key: str, text_key: str, resolution: int, clip_resolution: int = 0):
         self.image_key, self.text_key, self.resolution = image_key, text_key, resolution
+        self.clip_resolution = clip_resolution
 
     def map(self, record: dict) -> dict:
-        return {"image": decode_image(record[self.image_key], self.resolution),
-                "caption": _as_text(record[self.text_key])}
+        data = record[self.image_key]
+        img = data if isinstance(data, np.ndarray) else Image.open(io.BytesIO(data))
+        out = {"image": resize_shortest_center_crop(img, self.resolution),
+               "caption": _as_text(record[self.text_key])}
+        if self.clip_resolution:
+            out["clip_image"] = resize_shortest_center_crop(img, self.clip_resolution)
+        return out
 
 
 class TokenizeBatch(grain.transforms.Map):
@@ -120,19 +120,24 @@ class TokenizeBatch(grain.transforms.Map):
             from dalle2_jax.text import load_tokenizer
 
             self._tok = load_tokenizer(self.tokenizer_dir)
-        return {"image": batch["image"], "tokens": self._tok.encode_batch(list(batch["caption"]))}
+        out = {k: v for k, v in batch.items() if k != "caption"}
+        out["tokens"] = self._tok.encode_batch(list(batch["caption"]))
+        return out
 
 
 def _stack(examples: Sequence[dict]) -> dict:
-    return {"image": np.stack([e["image"] for e in examples]), "caption": [e["caption"] for e in examples]}
+    out = {k: np.stack([e[k] for e in examples]) for k in examples[0] if k != "caption"}
+    out["caption"] = [e["caption"] for e in examples]
+    return out
 
 
 def image_text_pipeline(data_cfg, split: str, *, tokenizer_dir: str, local_batch_size: int, seed: int,
                         process_index: int = 0, process_count: int = 1, shuffle: bool = True,
                         num_epochs: int | None = None, num_workers: int | None = None,
-                        extra_batch_map: Callable | None = None) -> grain.IterDataset:
+                        extra_batch_map: Callable | None = None, clip_resolution: int = 0) -> grain.IterDataset:
     """The training pipeline for image-text stages: an endless (or `num_epochs`) iterable of batches
-    {'image': uint8 [b, R, R, 3], 'tokens': int32 [b, L]} with b = local_batch_size.
+    {'image': uint8 [b, R, R, 3], 'tokens': int32 [b, L]} with b = local_batch_size, plus
+    'clip_image' uint8 [b, C, C, 3] when `clip_resolution` C is set (see DecodeExample).
 
     Records are split between JAX processes by striding (process p reads records p, p + P, ...), so the
     shards are disjoint; the order is a function of `seed` only, and the iterator state can be saved
@@ -145,7 +150,7 @@ def image_text_pipeline(data_cfg, split: str, *, tokenizer_dir: str, local_batch
     if shuffle:
         ds = ds.seed(seed).shuffle()
     ds = ds.repeat(num_epochs)
-    ds = ds.map(DecodeExample(data_cfg.image_key, data_cfg.text_key, data_cfg.resolution))
+    ds = ds.map(DecodeExample(data_cfg.image_key, data_cfg.text_key, data_cfg.resolution, clip_resolution))
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=int(data_cfg.read_threads), prefetch_buffer_size=64))
     it = it.batch(local_batch_size, drop_remainder=True, batch_fn=_stack)
     it = it.map(TokenizeBatch(tokenizer_dir))

@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dalle2_jax.images import load_image, resize_shortest_center_crop  # noqa: F401  (load_image: re-exported)
 from dalle2_jax.inference.bundle import Bundle, InputError, LoadedStage, load_bundle
 from dalle2_jax.stages.image_diffusion import run_batched
 
@@ -55,30 +56,6 @@ class Output:
 
 
 # --- images and vectors ----------------------------------------------------------------------------------
-def load_image(source: Any, what: str = "image") -> np.ndarray:
-    """A path, PIL image or array -> uint8 [H, W, 3] (grayscale and alpha converted). InputError if unreadable."""
-    from PIL import Image, UnidentifiedImageError
-
-    if isinstance(source, np.ndarray):
-        a = source
-        if a.ndim == 2:
-            a = np.repeat(a[..., None], 3, axis=-1)
-        if a.ndim != 3 or a.shape[-1] not in (3, 4):
-            raise InputError(f"the {what} array must be [H, W, 3], got shape {a.shape}")
-        if a.dtype != np.uint8:
-            raise InputError(f"the {what} array must be uint8, got {a.dtype}")
-        return np.ascontiguousarray(a[..., :3])
-    if isinstance(source, Image.Image):
-        return np.asarray(source.convert("RGB"))
-    try:
-        with Image.open(source) as im:
-            return np.asarray(im.convert("RGB"))
-    except FileNotFoundError:
-        raise InputError(f"{what} {source!r}: no such file") from None
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise InputError(f"{what} {source!r} is not a readable image ({type(e).__name__})") from None
-
-
 def center_square(a: np.ndarray) -> np.ndarray:
     """The centred square crop of [H, W, ...]."""
     h, w = a.shape[:2]
@@ -236,7 +213,7 @@ class UnCLIPPipeline:
         return np.asarray(fn(self.clip.params, images))
 
     def _prepare(self, image: Any, what: str = "image") -> np.ndarray:
-        return center_square(load_image(image, what))
+        return load_image(image, what)  # cropped to a square by CLIP's preprocessing in _embed_and_invert
 
     def _empty_tokens(self, n: int) -> np.ndarray:
         return np.full((n, self.tokenizer.context_length), self.tokenizer.pad_id, np.int32)
@@ -362,8 +339,9 @@ class UnCLIPPipeline:
                           fixed_point_iters: int) -> tuple[np.ndarray, np.ndarray]:
         clip_size = int(self.clip.entry["interface"]["image_size"])
         dec_res = int(self.decoder.entry["interface"]["resolution"])
-        emb = self.embed_images(np.stack([resize(im, clip_size) for im in images]))
-        small = np.stack([resize(im, dec_res) for im in images])
+        # CLIP's own preprocessing (shortest side, center crop) for the embedding and for the decoder's input
+        emb = self.embed_images(np.stack([resize_shortest_center_crop(im, clip_size) for im in images]))
+        small = np.stack([resize_shortest_center_crop(im, dec_res) for im in images])
         x_T = self._timed(timings, "invert", lambda: self.invert(emb, small, s, fixed_point_iters),
                           f"DDIM inversion of {len(images)} images, {s[self.decoder.name]['steps']} steps")
         return emb, x_T

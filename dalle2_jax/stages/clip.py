@@ -14,7 +14,7 @@ from dalle2_jax.data import pipeline
 from dalle2_jax.models.clip import build_clip
 from dalle2_jax.models.layers import ACTIVATIONS
 from dalle2_jax.stages.base import Stage
-from dalle2_jax.text import BpeTokenizer, load_tokenizer
+from dalle2_jax.text import BpeTokenizer, ClipBpeTokenizer, load_tokenizer
 from dalle2_jax.training.config import ConfigError
 from dalle2_jax.training.partitioning import batch_sharding
 
@@ -79,6 +79,12 @@ class ClipStage(Stage):
                 raise ConfigError(f"model.{tower}.act", f"unknown activation {c.act!r}; use one of {ACTIVATIONS}")
         if t.context_length < 3:
             raise ConfigError("model.text.context_length", "must be >= 3 (start, one token, end)")
+        kind = t.get("tokenizer", "bpe")
+        if kind not in ("bpe", "clip_bpe"):
+            raise ConfigError("model.text.tokenizer", f"unknown tokenizer {kind!r}; use 'bpe' (trained on the "
+                              "captions) or 'clip_bpe' (CLIP's own, 49408 tokens)")
+        if kind == "clip_bpe" and t.vocab_size < 49408:
+            raise ConfigError("model.text.vocab_size", f"{t.vocab_size} is smaller than CLIP's BPE (49408 tokens)")
         if t.vocab_size < 300:
             raise ConfigError("model.text.vocab_size", f"{t.vocab_size} is too small for a byte-level BPE "
                               "(256 bytes + 3 special tokens); use >= 300")
@@ -89,14 +95,18 @@ class ClipStage(Stage):
 
     # --- set-up ---------------------------------------------------------------------------------------
     def prepare(self) -> None:
-        """Builds the built-in data set if needed, and trains (first run) or loads the tokenizer."""
+        """Builds the built-in data set if needed, and trains (first run) or loads the tokenizer (CLIP's
+        own BPE is written from the packaged merges file instead of trained)."""
         pipeline.prepare_dataset(self.config.data)
         tok_dir = os.path.join(self.workdir, TOKENIZER_DIR)
+        t = self.config.model.text
         if not os.path.exists(os.path.join(tok_dir, "tokenizer_meta.json")):
             if jax.process_index() == 0:
-                captions = pipeline.all_captions(self.config.data, self.config.data.train_split)
-                tok = BpeTokenizer.train(captions, self.config.model.text.vocab_size,
-                                         self.config.model.text.context_length)
+                if t.get("tokenizer", "bpe") == "clip_bpe":
+                    tok = ClipBpeTokenizer(context_length=t.context_length)
+                else:
+                    captions = pipeline.all_captions(self.config.data, self.config.data.train_split)
+                    tok = BpeTokenizer.train(captions, t.vocab_size, t.context_length)
                 tok.save(tok_dir)
             if jax.process_count() > 1:
                 from jax.experimental import multihost_utils

@@ -4,8 +4,10 @@ The image embedding is projected into the timestep embedding and into `model.ima
 tokens beside the caption transformer's tokens. For classifier-free guidance the embedding is dropped
 (`model.image_drop_prob`, 10%: a learned null embedding) and the caption (`model.caption_drop_prob`, 50%: an
 all-padding caption) independently. The frozen CLIP (config.clip_workdir) embeds the training images in the
-jitted step, or the embeddings come from the embed tool's files (`data.embeddings_dir`). Evaluation samples
-images from test-image embeddings and scores them with the frozen CLIP.
+jitted step, or the embeddings come from the embed tool's files (`data.embeddings_dir`). A CLIP whose input
+size differs from the decoder's (an imported ViT at 224 px under a 64 px decoder) gets its own copy of each
+training image, made from the source image with CLIP's preprocessing (batch key `clip_image`). Evaluation
+samples images from test-image embeddings and scores them with the frozen CLIP.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import numpy as np
 
 from dalle2_jax import diffusion as D
 from dalle2_jax.data import pipeline
+from dalle2_jax.images import resize_square
 from dalle2_jax.models.clip import build_clip
 from dalle2_jax.models.unet import UNet
 from dalle2_jax.stages.base import TOKENIZER_DIR, FrozenClipMixin, validate_clip_workdir
@@ -98,13 +101,12 @@ class DecoderStage(FrozenClipMixin, ImageDiffusionStage):
             self.tokenizer = load_tokenizer(os.path.join(self.config.clip_workdir, TOKENIZER_DIR))
             self.clip = build_clip(clip_cfg.model, self.tokenizer.eot_id)
             dims = (clip_cfg.model.embed_dim, self.tokenizer.vocab_size, clip_cfg.model.text.context_length)
-            if self.config.data.resolution != clip_cfg.model.vision.image_size:
-                raise ConfigError("data.resolution", f"{self.config.data.resolution} differs from the CLIP's image "
-                                  f"size {clip_cfg.model.vision.image_size}")
+            self.clip_resolution = int(clip_cfg.model.vision.image_size)
             self.pad_id = int(self.tokenizer.pad_id)
         else:  # parameter counting without a CLIP workdir (tools.params)
             dims = (m.clip_embed_dim, m.clip_vocab_size, m.clip_context_length)
             self.pad_id = 0
+            self.clip_resolution = int(self.config.data.resolution)
         self.embed_dim, self.vocab_size, self.clip_context = (int(x) for x in dims)
         self.context_length = int(m.caption_context_length) or self.clip_context
         if self.context_length < self.clip_context:
@@ -144,7 +146,11 @@ class DecoderStage(FrozenClipMixin, ImageDiffusionStage):
         return pipeline.image_text_pipeline(
             d, d.train_split, tokenizer_dir=os.path.join(self.workdir, TOKENIZER_DIR),
             local_batch_size=local_batch_size, seed=self.config.seed, process_index=process_index,
-            process_count=process_count)
+            process_count=process_count, clip_resolution=self._separate_clip_resolution())
+
+    def _separate_clip_resolution(self) -> int:
+        """The CLIP's input size when it differs from the decoder's, else 0 (one image serves both)."""
+        return self.clip_resolution if self.clip_resolution != int(self.config.data.resolution) else 0
 
     # --- conditioning and the step ----------------------------------------------------------------------
     def caption_tokens(self, tokens: jax.Array) -> jax.Array:
@@ -165,7 +171,10 @@ class DecoderStage(FrozenClipMixin, ImageDiffusionStage):
     def loss(self, params: Any, batch: dict, rng: jax.Array, frozen: Any) -> tuple[jax.Array, dict]:
         m = self.config.model
         images = batch["image"]
-        emb = batch["image_emb"] if "image_emb" in batch else self.conditioning_embedding(frozen, images)
+        if "image_emb" in batch:
+            emb = batch["image_emb"]
+        else:
+            emb = self.conditioning_embedding(frozen, batch.get("clip_image", images))
         tokens = self.caption_tokens(batch["tokens"])
         b = images.shape[0]
         k_img, k_txt, k_drop, k_diff = jax.random.split(rng, 4)
@@ -249,6 +258,12 @@ class DecoderStage(FrozenClipMixin, ImageDiffusionStage):
         keys = [d.image_key, d.text_key] + (["scene"] if has_scene else [])
         records = pipeline.read_split(d, d.eval_split, keys, int(cfg.eval.max_examples))
         images = np.stack([r[d.image_key] for r in records])
+        clip_images = images
+        if self._separate_clip_resolution():  # the same records, preprocessed for the CLIP
+            dc = d.copy_and_resolve_references()
+            dc.resolution = self.clip_resolution
+            clip_images = np.stack([r[d.image_key] for r in pipeline.read_split(dc, d.eval_split, [d.image_key],
+                                                                                 int(cfg.eval.max_examples))])
         tokens = self.tokenizer.encode_batch([r[d.text_key] for r in records])
         if not self._eval_jits:  # built once: periodic evaluations reuse the compiled functions
             self._eval_jits = {
@@ -258,10 +273,10 @@ class DecoderStage(FrozenClipMixin, ImageDiffusionStage):
         j = self._eval_jits
         bs = int(cfg.eval.batch_size)
         key = jax.random.key(cfg.seed + 1)
-        real_unit = run_batched(lambda x, i: j["unit"](frozen, x), bs, images)
+        real_unit = run_batched(lambda x, i: j["unit"](frozen, x), bs, clip_images)
         samples = run_batched(lambda x, t, i: j["sample"](params, j["cond"](frozen, x), t, jax.random.fold_in(key, i)),
-                              bs, images, tokens)
-        samp_unit = run_batched(lambda x, i: j["unit"](frozen, x), bs, samples)
+                              bs, clip_images, tokens)
+        samp_unit = run_batched(lambda x, i: j["unit"](frozen, x), bs, resize_square(samples, self.clip_resolution))
         perm = np.roll(np.arange(len(records)), 1)
         out: dict[str, Any] = {
             "num_examples": len(records),

@@ -165,7 +165,8 @@ class PriorStage(FrozenClipMixin, Stage):
         self.context_length = int(clip_cfg.model.text.context_length)
         if self.config.data.resolution != clip_cfg.model.vision.image_size:
             raise ConfigError("data.resolution", f"{self.config.data.resolution} differs from the CLIP's image size "
-                              f"{clip_cfg.model.vision.image_size}")
+                              f"{clip_cfg.model.vision.image_size}; the prior's images only feed the CLIP, so set "
+                              f"--config.data.resolution={clip_cfg.model.vision.image_size}")
         self._build_prior()
         if os.path.exists(self._stats_path()):
             self._load_stats()
