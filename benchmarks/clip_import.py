@@ -9,8 +9,8 @@ text embeddings and of the logits.
 
 For each architecture it writes an open_clip-layout .safetensors file of the full size (one tensor at a
 time, tests/clip_reference.write_safetensors_streaming), then runs `python -m dalle2_jax.tools.import_clip`
-in a fresh process and records the wall time and that process's peak resident memory (ru_maxrss, which
-counts the memory-mapped file pages it touched and the interpreter with jax). Results go to
+in a fresh process and records the wall time and that process's peak resident memory (VmHWM: it counts
+the memory-mapped file pages it touched and the interpreter with jax). Results go to
 benchmarks/results/clip_import_cpu.json.
 """
 
@@ -29,15 +29,17 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "tests"))
 
+# VmHWM, not ru_maxrss: the latter keeps the forking parent's high-water mark across exec
 CHILD = """
-import resource, sys
+import sys
 from dalle2_jax.tools.import_clip import run
 try:
     run(sys.argv[1:])
 except SystemExit as e:
     if e.code:
         raise
-print("peak_rss_kib", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+with open("/proc/self/status") as f:
+    print("peak_rss_kib", next(line.split()[1] for line in f if line.startswith("VmHWM")))
 """
 
 
@@ -104,6 +106,7 @@ def main() -> None:
     ap.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results", "clip_import_cpu.json"))
     args = ap.parse_args()
     tmp = args.tmp or tempfile.mkdtemp(prefix="clip_import_bench_")
+    os.makedirs(tmp, exist_ok=True)
     acc = accuracy(tmp)
     results = []
     for arch in args.archs:

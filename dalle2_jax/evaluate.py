@@ -24,13 +24,15 @@ def define_flags(fv: flags.FlagValues) -> None:
                         "config.data.name (e.g. an imported CLIP on your own data).", flag_values=fv)
     flags.DEFINE_string("data_dir", None, "TFDS data dir (default: the workdir's config.data.data_dir).",
                         flag_values=fv)
+    flags.DEFINE_string("image_key", None, "Image feature of --data_name (default: the workdir's).", flag_values=fv)
+    flags.DEFINE_string("text_key", None, "Caption feature of --data_name (default: the workdir's).", flag_values=fv)
 
 
 def evaluate_workdir(workdir: str, step: int | None = None, raw_params: bool = False,
                      max_examples: int | None = None, data_name: str | None = None,
-                     data_dir: str | None = None) -> dict:
+                     data_dir: str | None = None, image_key: str | None = None, text_key: str | None = None) -> dict:
     """Evaluates a workdir's checkpoint with its stage's evaluation (on its own data set, or `data_name` in
-    `data_dir`); returns the metrics dict."""
+    `data_dir` with its `image_key` / `text_key`); returns the metrics dict."""
     import jax
 
     from dalle2_jax.data import pipeline
@@ -49,6 +51,10 @@ def evaluate_workdir(workdir: str, step: int | None = None, raw_params: bool = F
         config.data.name = data_name
     if data_dir:
         config.data.data_dir = data_dir
+    if image_key:
+        config.data.image_key = image_key
+    if text_key:
+        config.data.text_key = text_key
     stage = get_stage_class(config.stage)(config, workdir)
     stage.setup_model()
     pipeline.prepare_dataset(config.data)
@@ -69,7 +75,8 @@ def evaluate_workdir(workdir: str, step: int | None = None, raw_params: bool = F
 
 def main(fv: flags.FlagValues) -> None:
     with exit_on_errors():
-        result = evaluate_workdir(fv.workdir, fv.step, fv.raw_params, fv.max_examples, fv.data_name, fv.data_dir)
+        result = evaluate_workdir(fv.workdir, fv.step, fv.raw_params, fv.max_examples, fv.data_name, fv.data_dir,
+                                  fv.image_key, fv.text_key)
     print(json.dumps(result, sort_keys=True), flush=True)
 
 

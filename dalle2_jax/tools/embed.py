@@ -7,7 +7,8 @@ Each JAX process embeds its own share of the records (record i goes to process i
 the split), `image_emb` [E] and `text_emb` [E] (unit norm), `token_states` [L, W] (the CLIP text
 tower's final token states) and `tokens` [L]. The prior trains from these with
 `--config.data.embeddings_dir=DIR`, which is the path large runs take (no CLIP forward in the step).
-The data set is the CLIP workdir's (config.data), unless overridden with --data_name/--data_dir.
+The data set is the CLIP workdir's (config.data), unless overridden with --data_name/--data_dir/--image_key/
+--text_key (an imported CLIP's workdir names no data set of yours).
 """
 
 from __future__ import annotations
@@ -30,6 +31,9 @@ def define_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_string("data_name", None, "TFDS data set (default: the CLIP workdir's config.data.name).",
                         flag_values=fv)
     flags.DEFINE_string("data_dir", None, "TFDS data dir (default: the CLIP workdir's).", flag_values=fv)
+    flags.DEFINE_string("image_key", None, "Image feature (default: the CLIP workdir's config.data.image_key).",
+                        flag_values=fv)
+    flags.DEFINE_string("text_key", None, "Caption feature (default: the CLIP workdir's).", flag_values=fv)
     flags.DEFINE_integer("max_examples", 0, "Embed only the first N records (0 = all).", flag_values=fv)
 
 
@@ -118,6 +122,10 @@ def main(fv: flags.FlagValues) -> None:
             data_cfg.name = fv.data_name
         if fv.data_dir:
             data_cfg.data_dir = fv.data_dir
+        if fv.image_key:
+            data_cfg.image_key = fv.image_key
+        if fv.text_key:
+            data_cfg.text_key = fv.text_key
         summary = embed_split(fv.clip_workdir, fv.out, fv.split, fv.batch_size, data_cfg, fv.max_examples)
     print(json.dumps(summary))
 

@@ -19,8 +19,10 @@ tensors that architecture has: missing, unexpected or mis-shaped tensors are ref
 The workdir is one the prior, the decoder, evaluation and export read like a trained CLIP's:
 `config.json`, `tokenizer/` (CLIP's BPE with its merges file), `checkpoints/0/` (the params only) and
 `reports/import.json` (source file, size, sha256, layout, tensor and parameter counts). It is written to
-`OUT.partial` and renamed, so a refused import leaves nothing behind. Tensors are converted one at a time
-to float32 and written by orbax from host memory, so the peak RAM stays near twice the file's size.
+`OUT.partial` and renamed, so a refused import leaves nothing behind. Tensors are read one at a time (each
+through its own mapping of the file, released after the read), converted to float32 device arrays and
+written by orbax without compression (compressing, or saving numpy arrays, copies every array), so the
+peak RAM stays near the file's size (benchmarks/clip_import.py measures it).
 """
 
 from __future__ import annotations
@@ -92,7 +94,12 @@ class WeightFile:
         if self._torch is not None:
             t = self._torch[self._raw[key]]
             return t.detach().float().cpu().numpy()
-        return np.asarray(self._st.get_tensor(self._raw[key]), dtype=np.float32)
+        from safetensors import safe_open
+
+        # A fresh mapping per tensor: the pages read are released with it, so the resident memory is the
+        # converted params, not the params plus the whole mapped file.
+        with safe_open(self.path, framework="np") as f:
+            return np.asarray(f.get_tensor(self._raw[key]), dtype=np.float32)
 
 
 def _torch_state_dict(path: str) -> dict[str, Any]:
@@ -107,8 +114,12 @@ def _torch_state_dict(path: str) -> dict[str, Any]:
             "s.save_file({k: v.contiguous() for k, v in m.items() if hasattr(v, 'shape')}, 'OUT.safetensors')\"\n"
             "(OpenAI's .pt files: torch.jit.load('IN', map_location='cpu').state_dict()), then import the "
             ".safetensors file") from None
+    import warnings
+
     try:
-        sd = torch.jit.load(path, map_location="cpu").state_dict()  # OpenAI's TorchScript archives
+        with warnings.catch_warnings():  # torch warns that jit.load is deprecated; OpenAI's archives need it
+            warnings.simplefilter("ignore")
+            sd = torch.jit.load(path, map_location="cpu").state_dict()  # OpenAI's TorchScript archives
     except Exception:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
@@ -298,7 +309,7 @@ def _stack_scanned(tower: dict, depth: int) -> None:
     import jax
 
     blocks = [tower["transformer"].pop(f"block_{i}") for i in range(depth)]
-    tower["transformer"]["blocks"] = jax.tree.map(lambda *xs: np.stack(xs), *blocks)
+    tower["transformer"]["blocks"] = jax.tree.map(lambda *xs: jax.numpy.stack(xs), *blocks)
 
 
 def import_clip(weights: str, config, out: str, layout: str = "auto", bpe_path: str | None = None,
@@ -341,7 +352,7 @@ def import_clip(weights: str, config, out: str, layout: str = "auto", bpe_path: 
     for k in expected:
         file_dtypes[wf.dtype(k)] = file_dtypes.get(wf.dtype(k), 0) + 1
     for path, value in convert(wf, config.model, layout):
-        flat[path] = value
+        flat[path] = jax.device_put(value)  # orbax writes device arrays without a host copy
     params = _nest(flat)
     if config.model.scan_layers:
         _stack_scanned(params["text"], int(t.depth))
@@ -361,7 +372,7 @@ def import_clip(weights: str, config, out: str, layout: str = "auto", bpe_path: 
     tok.save(os.path.join(tmp, "tokenizer"))
     num_params = int(sum(a.size for a in flat.values()))
     meta = {"step": 0, "imported": True, "examples_seen": 0, "wall_time": 0.0}
-    mngr = ckpt.make_manager(tmp, async_save=False)
+    mngr = ckpt.make_manager(tmp, async_save=False, compress=False)  # compression would copy every array
     ckpt.save(mngr, 0, {"params": variables}, meta, None, force=True)
     mngr.wait_until_finished()
     mngr.close()

@@ -23,14 +23,17 @@ def checkpoint_dir(workdir: str) -> str:
 
 
 def make_manager(workdir: str, max_to_keep: int = 3, async_save: bool = True,
-                 read_only: bool = False) -> ocp.CheckpointManager:
-    """An orbax CheckpointManager over `<workdir>/checkpoints` (async saves, keep the newest N)."""
+                 read_only: bool = False, compress: bool = True) -> ocp.CheckpointManager:
+    """An orbax CheckpointManager over `<workdir>/checkpoints` (async saves, keep the newest N).
+
+    `compress=False` writes the arrays uncompressed, which saves numpy arrays without copying them
+    (tools.import_clip keeps a ViT-H import near its file size in RAM); readers need no option."""
     options = ocp.CheckpointManagerOptions(max_to_keep=None if read_only else max_to_keep,
                                            enable_async_checkpointing=async_save,
                                            cleanup_tmp_directories=not read_only, create=not read_only,
                                            read_only=read_only)
     # The PyTree handler (rather than Standard) lets the params-only loader restore part of the state.
-    handlers = {"state": ocp.PyTreeCheckpointHandler(), "meta": ocp.JsonCheckpointHandler(),
+    handlers = {"state": ocp.PyTreeCheckpointHandler(use_compression=compress), "meta": ocp.JsonCheckpointHandler(),
                 "data": grain.checkpoint.CheckpointHandler()}
     return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_handlers=handlers)
 
