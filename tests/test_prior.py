@@ -79,6 +79,7 @@ def test_prior_needs_a_clip_workdir(shapes_data_dir, tmp_path):
         validate_config(small_prior_config(shapes_data_dir, str(tmp_path)), num_devices=1)
 
 
+@pytest.mark.slow  # the trainer's own 8-device test (test_trainer.py) covers sharding in the default suite
 def test_prior_step_on_8_devices_equals_one(shapes_data_dir, trained_clip, tmp_path):
     out = steps_on_one_and_eight_devices("small_prior_config", (shapes_data_dir, trained_clip),
                                          dict(data=2, fsdp=4, tensor=1), str(tmp_path))
