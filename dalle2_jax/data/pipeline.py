@@ -71,8 +71,12 @@ def decode_image(data: bytes | np.ndarray, resolution: int) -> np.ndarray:
     """Encoded image bytes (or an array) -> uint8 [R, R, 3]: RGB, shortest side resized to R (bicubic,
     antialiased), then center-cropped, exactly as CLIP's reference preprocessing
     (images.resize_shortest_center_crop)."""
-    img = data if isinstance(data, np.ndarray) else Image.open(io.BytesIO(data))
-    return resize_shortest_center_crop(img, resolution)
+    return resize_shortest_center_crop(open_image(data), resolution)
+
+
+def open_image(data: bytes | np.ndarray) -> Image.Image | np.ndarray:
+    """Encoded image bytes -> a lazily decoded PIL image; arrays pass through."""
+    return data if isinstance(data, np.ndarray) else Image.open(io.BytesIO(data))
 
 
 def _as_text(value: Any) -> str:
@@ -93,8 +97,7 @@ class DecodeExample(grain.transforms.Map):
         self.clip_resolution = clip_resolution
 
     def map(self, record: dict) -> dict:
-        data = record[self.image_key]
-        img = data if isinstance(data, np.ndarray) else Image.open(io.BytesIO(data))
+        img = open_image(record[self.image_key])  # decoded once for both sizes
         out = {"image": resize_shortest_center_crop(img, self.resolution),
                "caption": _as_text(record[self.text_key])}
         if self.clip_resolution:
