@@ -11,17 +11,13 @@ from flax.core import meta
 from dalle2_jax.models.unet import UNet
 
 
-def _param_count(tree) -> int:
-    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(meta.unbox(tree)))
-
-
-@pytest.mark.parametrize("variant,expected_params", [
-    ("decoder:tiny", None), ("decoder:base", None), ("decoder:paper", (3.4e9, 3.7e9)),
-    ("upsampler:tiny_64to256", None), ("upsampler:paper_64to256", (6.8e8, 7.2e8)),
-    ("upsampler:tiny_256to1024", None), ("upsampler:paper_256to1024", (2.5e8, 3.1e8)),
+@pytest.mark.parametrize("variant", [
+    "decoder:tiny", "decoder:base", "decoder:paper", "upsampler:tiny_64to256", "upsampler:paper_64to256",
+    "upsampler:tiny_256to1024", "upsampler:paper_256to1024",
 ])
-def test_every_config_has_the_right_output_shape(variant, expected_params):
-    """Built from the config through the stage, with jax.eval_shape (no memory for the paper models)."""
+def test_every_config_has_the_right_output_shape(variant):
+    """Built from the config through the stage, with jax.eval_shape (no memory for the paper models);
+    tests/test_scale.py checks the paper models' parameter counts."""
     import importlib
 
     from dalle2_jax.stages import get_stage_class
@@ -47,9 +43,6 @@ def test_every_config_has_the_right_output_shape(variant, expected_params):
             out = jax.eval_shape(lambda p, x, t, lo: stage.unet.apply(p, x, t, low_res=lo), params, x, t, lo)
             assert out.shape == (b, side, side, 3)
         assert not any("attn" in k for k in meta.unbox(params)["params"])  # convolution only
-    if expected_params:
-        n = _param_count(params)
-        assert expected_params[0] < n < expected_params[1], n
 
 
 def _micro(**kw) -> UNet:

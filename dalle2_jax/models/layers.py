@@ -1,5 +1,8 @@
 """Shared Flax bricks: dense layers, norms, attention, MLP, activations.
 
+Activations that a remat policy may keep are tagged with `checkpoint_name` (query_proj, key_proj,
+value_proj, attention_out, mlp_hidden; see models/transformer.py REMAT_POLICIES).
+
 Every parameter is created with a logical partitioning (names from the design page:
 batch, length, embed, heads, kv, mlp, vocab, channels_in, channels_out, height, width), so the
 trainer can shard any model built from these bricks with one set of rules.
@@ -12,6 +15,7 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
+from jax.ad_checkpoint import checkpoint_name
 
 Dtype = Any
 Axes = Sequence[str | None]
@@ -114,8 +118,10 @@ class MultiHeadAttention(nn.Module):
         split = lambda t: t.reshape(t.shape[:-1] + (self.num_heads, head_dim))  # noqa: E731
         q, k, v = split(q), split(k), split(v)
         q = nn.with_logical_constraint(q, ("batch", "length", "heads", "kv"))
+        q, k, v = (checkpoint_name(q, "query_proj"), checkpoint_name(k, "key_proj"),
+                   checkpoint_name(v, "value_proj"))
         out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal)
-        out = out.reshape(out.shape[:-2] + (inner,))
+        out = checkpoint_name(out.reshape(out.shape[:-2] + (inner,)), "attention_out")
         return Dense(self.out_features or width, name="out", use_bias=self.use_bias, dtype=self.dtype,
                      axes=("heads", "embed"))(out)
 
@@ -131,7 +137,7 @@ class Mlp(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         h = Dense(self.hidden, axes=("embed", "mlp"), dtype=self.dtype, name="fc1")(x)
         h = activation(self.act)(h)
-        h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))
+        h = checkpoint_name(nn.with_logical_constraint(h, ("batch", "length", "mlp")), "mlp_hidden")
         return Dense(x.shape[-1], axes=("mlp", "embed"), dtype=self.dtype, name="fc2")(h)
 
 

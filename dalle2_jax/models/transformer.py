@@ -10,11 +10,18 @@ import flax.linen as nn
 
 from dalle2_jax.models.layers import LayerNorm, Mlp, MultiHeadAttention
 
+_cp = jax.checkpoint_policies
+# Rematerialisation policies by name (config model.remat). "none" keeps every activation; "full" keeps
+# only each block's input; the dots policies keep matmul outputs; the save_* policies keep the activations
+# tagged with checkpoint_name in models/layers.py and recompute the rest (norms, activations, softmax).
 REMAT_POLICIES = {
     "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots_saveable": jax.checkpoint_policies.dots_saveable,
-    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "full": _cp.nothing_saveable,
+    "dots_saveable": _cp.dots_saveable,
+    "dots_with_no_batch_dims_saveable": _cp.dots_with_no_batch_dims_saveable,
+    "save_qkv": _cp.save_only_these_names("query_proj", "key_proj", "value_proj"),
+    "save_attention_out": _cp.save_only_these_names("query_proj", "key_proj", "value_proj", "attention_out"),
+    "save_mlp_hidden": _cp.save_only_these_names("mlp_hidden"),
 }
 
 

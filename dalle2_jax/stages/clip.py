@@ -13,6 +13,7 @@ import numpy as np
 from dalle2_jax.data import pipeline
 from dalle2_jax.models.clip import build_clip
 from dalle2_jax.models.layers import ACTIVATIONS
+from dalle2_jax.models.transformer import REMAT_POLICIES
 from dalle2_jax.stages.base import Stage
 from dalle2_jax.text import BpeTokenizer, ClipBpeTokenizer, load_tokenizer
 from dalle2_jax.training.config import ConfigError
@@ -90,8 +91,8 @@ class ClipStage(Stage):
                               "(256 bytes + 3 special tokens); use >= 300")
         if m.dtype not in ("float32", "bfloat16", "float16"):
             raise ConfigError("model.dtype", f"unknown dtype {m.dtype!r}; use float32 or bfloat16")
-        if m.remat not in ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable"):
-            raise ConfigError("model.remat", f"unknown remat policy {m.remat!r}")
+        if m.remat not in REMAT_POLICIES:
+            raise ConfigError("model.remat", f"unknown remat policy {m.remat!r}; use one of {sorted(REMAT_POLICIES)}")
 
     # --- set-up ---------------------------------------------------------------------------------------
     def prepare(self) -> None:

@@ -22,6 +22,7 @@ from dalle2_jax.data import pipeline
 from dalle2_jax.models.clip import build_clip
 from dalle2_jax.models.layers import ACTIVATIONS, dtype_from_name
 from dalle2_jax.models.prior import DiffusionPrior
+from dalle2_jax.models.transformer import REMAT_POLICIES
 from dalle2_jax.stages.base import (TOKENIZER_DIR, FrozenClipMixin, Stage, validate_clip_workdir,
                                     validate_diffusion_keys)
 from dalle2_jax.text import load_tokenizer
@@ -84,6 +85,8 @@ class PriorStage(FrozenClipMixin, Stage):
             raise ConfigError("model.heads", f"width {m.width} is not divisible by {m.heads} heads")
         if m.act not in ACTIVATIONS:
             raise ConfigError("model.act", f"unknown activation {m.act!r}; use one of {ACTIVATIONS}")
+        if m.remat not in REMAT_POLICIES:
+            raise ConfigError("model.remat", f"unknown remat policy {m.remat!r}; use one of {sorted(REMAT_POLICIES)}")
         if m.embedding_norm not in ("scale", "standardize"):
             raise ConfigError("model.embedding_norm", f"unknown mode {m.embedding_norm!r}; use 'scale' or "
                               "'standardize'")

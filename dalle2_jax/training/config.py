@@ -46,6 +46,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.optimizer.weight_decay = 0.0
     c.optimizer.grad_clip = 1.0  # global-norm clip; 0 = off
     c.optimizer.ema_decay = 0.999  # 0 = no EMA
+    c.optimizer.grad_accum_steps = 1  # microbatches per step (lax.scan); the batch is still batch_size
+    c.optimizer.moments_dtype = "float32"  # float32 | bfloat16 (Adam's moments stored at half the memory)
 
     c.data = ml_collections.ConfigDict()
     c.data.name = "captioned_shapes"  # any TFDS name prepared as array_record in data_dir
@@ -98,6 +100,10 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
         raise ConfigError("optimizer.ema_decay", f"must be in [0, 1), got {opt.ema_decay}")
     if opt.grad_clip < 0:
         raise ConfigError("optimizer.grad_clip", f"must be >= 0 (0 = off), got {opt.grad_clip}")
+    if int(opt.get("grad_accum_steps", 1)) < 1:
+        raise ConfigError("optimizer.grad_accum_steps", f"must be >= 1, got {opt.grad_accum_steps}")
+    if opt.get("moments_dtype", "float32") not in ("float32", "bfloat16"):
+        raise ConfigError("optimizer.moments_dtype", f"unknown dtype {opt.moments_dtype!r}; use float32 or bfloat16")
     if not config.data.name:
         raise ConfigError("data.name", "is empty; name a TFDS data set prepared in config.data.data_dir "
                           "(e.g. captioned_shapes, or image_folder_captions/<name> from tools.build_folder)")
@@ -141,6 +147,11 @@ def validate_mesh(config: ml_collections.ConfigDict, num_devices: int | None) ->
     if config.batch_size % (data * fsdp):
         raise ConfigError("batch_size", f"global batch {config.batch_size} is not divisible by the "
                           f"data-parallel size data*fsdp = {data * fsdp}; use a multiple of {data * fsdp}")
+    accum = int(config.optimizer.get("grad_accum_steps", 1))
+    if config.batch_size % (data * fsdp * accum):
+        raise ConfigError("optimizer.grad_accum_steps", f"{accum} microbatches of the global batch "
+                          f"{config.batch_size} do not divide evenly over data*fsdp = {data * fsdp} devices; "
+                          f"make batch_size a multiple of {data * fsdp * accum}")
 
 
 def config_to_json(config: ml_collections.ConfigDict) -> str:
