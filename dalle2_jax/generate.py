@@ -42,6 +42,8 @@ def define_common(fv: flags.FlagValues) -> None:
     flags.DEFINE_integer("batch_size", None, "Rows sampled at a time (default: all together).", **f)
     flags.DEFINE_integer("num_upsamplers", None, "Run only the first N upsamplers (default: all; 0 = 64x64).", **f)
     flags.DEFINE_bool("verify", True, "Check the bundle files' sha256 hashes on load.", **f)
+    flags.DEFINE_bool("shard", True, "With more than one device: replicate the params on every device and split "
+                      "each sampling batch over them (batches rounded up to a multiple of the device count).", **f)
     for stage, keys in (("prior", ("steps", "guidance", "sampler", "eta")),
                         ("decoder", ("steps", "guidance", "sampler", "eta")),
                         ("upsampler", ("steps", "sampler", "eta"))):
@@ -160,7 +162,12 @@ def run_method(method: str, fv: flags.FlagValues, args: list[str]) -> str:
             if not p.strip():
                 raise InputError("empty prompt: give some text to condition on")
     log = lambda m: print(m, flush=True)  # noqa: E731
-    pipe = UnCLIPPipeline.from_bundle(fv.bundle, verify_hashes=fv.verify, log=log)
+    import jax
+
+    from dalle2_jax.training.partitioning import data_parallel_mesh
+
+    mesh = data_parallel_mesh() if fv.shard and jax.device_count() > 1 else None
+    pipe = UnCLIPPipeline.from_bundle(fv.bundle, verify_hashes=fv.verify, log=log, mesh=mesh)
     common = dict(seed=fv.seed, settings=stage_overrides(fv), batch_size=fv.batch_size,
                   num_upsamplers=fv.num_upsamplers)
     extra: dict = {"command": method, "inputs": args}

@@ -137,6 +137,16 @@ def trained_upsampler(tmp_path_factory, shapes_256_data_dir) -> tuple[str, dict]
 
 
 @pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory, trained_clip, trained_prior, trained_decoder, trained_upsampler) -> str:
+    """A bundle exported from the session's tiny CLIP, prior, decoder and 64->256 upsampler."""
+    from dalle2_jax.inference.bundle import export_bundle
+
+    out = str(tmp_path_factory.mktemp("bundles") / "tiny")
+    export_bundle(out, trained_clip, trained_decoder[0], prior=trained_prior[0], upsamplers=(trained_upsampler[0],))
+    return out
+
+
+@pytest.fixture(scope="session")
 def shapes_256_data_dir(tmp_path_factory) -> str:
     """A data dir holding captioned_shapes/64_256 with 32 train and 4 test examples."""
     from dalle2_jax.data.captioned_shapes import prepare_captioned_shapes

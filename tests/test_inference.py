@@ -18,15 +18,6 @@ from PIL import Image
 
 
 @pytest.fixture(scope="session")
-def tiny_bundle(tmp_path_factory, trained_clip, trained_prior, trained_decoder, trained_upsampler) -> str:
-    from dalle2_jax.inference.bundle import export_bundle
-
-    out = str(tmp_path_factory.mktemp("bundles") / "tiny")
-    export_bundle(out, trained_clip, trained_decoder[0], prior=trained_prior[0], upsamplers=(trained_upsampler[0],))
-    return out
-
-
-@pytest.fixture(scope="session")
 def pipe(tiny_bundle):
     from dalle2_jax.inference.pipeline import UnCLIPPipeline
 

@@ -1,10 +1,11 @@
 """grain input pipelines over TFDS array_record data sets (no TensorFlow).
 
 A pipeline reads one split of any prepared TFDS data set with an image and a text feature
-(`config.data.name`, `image_key`, `text_key`), takes this JAX process's disjoint share of the records,
-shuffles with the run seed, decodes and resizes + center-crops the images (kept uint8; normalised on
-device), tokenizes the captions, and batches to the per-process batch. `partitioning.global_batch` then
-lays each batch out over the mesh.
+(`config.data.name`, `image_key`, `text_key`), shuffles all of its records with the run seed, decodes and
+resizes + center-crops the images (kept uint8; normalised on device), batches, and tokenizes the captions.
+The global batches are a function of the seed only, whatever the number of JAX processes: each process
+reads and decodes only its contiguous slice of every global batch (`shard_batches`), and
+`partitioning.global_batch` puts the slices back together over the mesh, process 0's rows first.
 """
 
 from __future__ import annotations
@@ -36,10 +37,21 @@ def prepare_dataset(data_cfg) -> None:
     """
     if data_cfg.name != "captioned_shapes":
         return
+    import jax
+
     from dalle2_jax.data.captioned_shapes import prepare_captioned_shapes
 
-    prepare_captioned_shapes(resolve_data_dir(data_cfg), config_name=data_cfg.builder_config,
-                             num_train=data_cfg.num_train or None, num_test=data_cfg.num_test or None)
+    def build():
+        prepare_captioned_shapes(resolve_data_dir(data_cfg), config_name=data_cfg.builder_config,
+                                 num_train=data_cfg.num_train or None, num_test=data_cfg.num_test or None)
+
+    if jax.process_count() > 1:  # process 0 first: processes sharing a disk must not build it together
+        from jax.experimental import multihost_utils
+
+        if jax.process_index() == 0:
+            build()
+        multihost_utils.sync_global_devices("captioned_shapes")
+    build()  # a no-op where it exists; a host-local copy for hosts that do not share the data dir
 
 
 def open_source(data_cfg, split: str, skip_decoding: Sequence[str] = ()):
@@ -128,6 +140,26 @@ class TokenizeBatch(grain.transforms.Map):
         return out
 
 
+def shard_batches(ds: grain.MapDataset, local_batch_size: int, process_index: int = 0, process_count: int = 1,
+                  batch_fn: Callable[[Sequence[Any]], Any] | None = None, read_threads: int = 1
+                  ) -> grain.IterDataset:
+    """Records in their global order -> this process's batches of b = `local_batch_size` records.
+
+    The records are cut into consecutive batches of b (a last partial one is dropped) and batch k*P + p
+    goes to process p of P, so process p's k-th batch holds global rows [k*B + p*b, k*B + (p+1)*b) with
+    B = P*b: the rows `jax.make_array_from_process_local_data` places at process p in global batch k.
+    A run thus sees the same global batches with any process count, and each process reads and decodes
+    only its own records (the MapDataset is lazy). The batch count is cut to a multiple of P, so every
+    process yields as many batches. Batches are read ahead by `read_threads` threads; the returned
+    iterator's state can be saved with grain.checkpoint.
+    """
+    ds = ds.batch(local_batch_size, drop_remainder=True, batch_fn=batch_fn)
+    usable = len(ds) - len(ds) % process_count
+    ds = ds[process_index:usable:process_count]
+    threads = max(1, int(read_threads))
+    return ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=2 * threads))
+
+
 def _stack(examples: Sequence[dict]) -> dict:
     out = {k: np.stack([e[k] for e in examples]) for k in examples[0] if k != "caption"}
     out["caption"] = [e["caption"] for e in examples]
@@ -142,20 +174,19 @@ def image_text_pipeline(data_cfg, split: str, *, tokenizer_dir: str, local_batch
     {'image': uint8 [b, R, R, 3], 'tokens': int32 [b, L]} with b = local_batch_size, plus
     'clip_image' uint8 [b, C, C, 3] when `clip_resolution` C is set (see DecodeExample).
 
-    Records are split between JAX processes by striding (process p reads records p, p + P, ...), so the
-    shards are disjoint; the order is a function of `seed` only, and the iterator state can be saved
-    with grain.checkpoint.
+    The record order is a function of `seed` only (all records shuffled, reshuffled each epoch); process
+    `process_index` of `process_count` gets its contiguous slice of every global batch of
+    local_batch_size * process_count records (see shard_batches). The iterator state can be saved with
+    grain.checkpoint.
     """
     source = open_source(data_cfg, split, skip_decoding=(data_cfg.image_key,))
     ds = grain.MapDataset.source(source)
-    if process_count > 1:
-        ds = ds[process_index::process_count]
     if shuffle:
         ds = ds.seed(seed).shuffle()
     ds = ds.repeat(num_epochs)
     ds = ds.map(DecodeExample(data_cfg.image_key, data_cfg.text_key, data_cfg.resolution, clip_resolution))
-    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=int(data_cfg.read_threads), prefetch_buffer_size=64))
-    it = it.batch(local_batch_size, drop_remainder=True, batch_fn=_stack)
+    it = shard_batches(ds, local_batch_size, process_index, process_count, batch_fn=_stack,
+                       read_threads=int(data_cfg.read_threads))
     it = it.map(TokenizeBatch(tokenizer_dir))
     if extra_batch_map is not None:
         it = it.map(extra_batch_map)
@@ -230,17 +261,15 @@ def upsampler_pipeline(data_cfg, split: str, *, local_batch_size: int, seed: int
                        blur_sigma: float = 0.6, blur_size: int = 3, bsr_strength: float = 1.0,
                        process_index: int = 0, process_count: int = 1,
                        num_workers: int | None = None) -> grain.IterDataset:
-    """Endless batches {'high': uint8 [b, c, c, 3], 'low': uint8 [b, c/f, c/f, 3]} (see DegradeAndCrop),
-    this process's stride of the records, shuffled and corrupted deterministically from `seed`."""
+    """Endless batches {'high': uint8 [b, c, c, 3], 'low': uint8 [b, c/f, c/f, 3]} (see DegradeAndCrop):
+    this process's slice of every global batch (see shard_batches), shuffled and corrupted
+    deterministically from `seed` (each record's generator comes from its global position, so the
+    corruption does not depend on the process count)."""
     keys = tuple(k for k in (data_cfg.image_key, data_cfg.low_res_key) if k)
     source = open_source(data_cfg, split, skip_decoding=keys)
-    ds = grain.MapDataset.source(source)
-    if process_count > 1:
-        ds = ds[process_index::process_count]
-    ds = ds.seed(seed).shuffle().repeat(None)
+    ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat(None)
     ds = ds.random_map(DegradeAndCrop(data_cfg, degradation, blur_sigma, blur_size, bsr_strength))
-    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=int(data_cfg.read_threads), prefetch_buffer_size=64))
-    it = it.batch(local_batch_size, drop_remainder=True)
+    it = shard_batches(ds, local_batch_size, process_index, process_count, read_threads=int(data_cfg.read_threads))
     workers = int(data_cfg.num_workers) if num_workers is None else num_workers
     if workers > 0:
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))

@@ -367,8 +367,9 @@ def verify_files(path: str, manifest: dict, hashes: bool = True) -> None:
                 raise BundleError(f"damaged bundle: {rel} does not match its sha256 in the manifest")
 
 
-def load_bundle(path: str, verify_hashes: bool = True, device: Any = None) -> Bundle:
-    """Loads every stage of a bundle (params on `device`, default the first device)."""
+def load_bundle(path: str, verify_hashes: bool = True, device: Any = None, mesh: Any = None) -> Bundle:
+    """Loads every stage of a bundle: params on `device` (default the first device), or replicated over every
+    device of `mesh` (for sampling sharded over its batch axes)."""
     import orbax.checkpoint as ocp
 
     from dalle2_jax.training.config import config_from_json
@@ -380,7 +381,10 @@ def load_bundle(path: str, verify_hashes: bool = True, device: Any = None) -> Bu
     if problems:
         raise BundleError("the bundle's stages do not fit together: " + "; ".join(problems))
     clip_dir = os.path.join(path, manifest["stages"][0]["dir"])
-    sharding = jax.sharding.SingleDeviceSharding(device or jax.devices()[0])
+    if mesh is not None:
+        sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    else:
+        sharding = jax.sharding.SingleDeviceSharding(device or jax.devices()[0])
     loaded = []
     for s in manifest["stages"]:
         with open(os.path.join(path, s["config"])) as f:

@@ -33,6 +33,7 @@ import numpy as np
 from dalle2_jax.images import load_image, resize_shortest_center_crop  # noqa: F401  (load_image: re-exported)
 from dalle2_jax.inference.bundle import Bundle, InputError, LoadedStage, load_bundle
 from dalle2_jax.stages.image_diffusion import run_batched
+from dalle2_jax.training.partitioning import to_host
 
 logger = logging.getLogger("dalle2_jax.inference")
 
@@ -99,8 +100,9 @@ def slerp(a: np.ndarray, b: np.ndarray, t: np.ndarray) -> np.ndarray:
 class UnCLIPPipeline:
     """Text -> image, variations, interpolation, text diffs and inpainting with an exported bundle."""
 
-    def __init__(self, bundle: Bundle, log: Callable[[str], None] | None = None):
+    def __init__(self, bundle: Bundle, log: Callable[[str], None] | None = None, mesh: Any = None):
         self.bundle = bundle
+        self.mesh = mesh  # sampling batches are sharded over its batch axes (None: one device)
         self.log = log or logger.info
         self.clip = bundle.get("clip")[0]
         priors = bundle.get("prior")
@@ -111,11 +113,14 @@ class UnCLIPPipeline:
         self._fns: dict = {}
 
     @classmethod
-    def from_bundle(cls, path: str, verify_hashes: bool = True,
-                    log: Callable[[str], None] | None = None) -> "UnCLIPPipeline":
-        """Loads a bundle written by `dalle2-jax export` (BundleError if it is missing, incomplete or damaged)."""
+    def from_bundle(cls, path: str, verify_hashes: bool = True, log: Callable[[str], None] | None = None,
+                    mesh: Any = None) -> "UnCLIPPipeline":
+        """Loads a bundle written by `dalle2-jax export` (BundleError if it is missing, incomplete or damaged).
+        With a `mesh` (e.g. training.partitioning.data_parallel_mesh()) the params are replicated over its
+        devices and every sampling batch is split over its batch axes, so all devices (of all hosts) sample
+        in parallel; batch sizes are rounded up to a multiple of the device count."""
         t0 = time.perf_counter()
-        pipe = cls(load_bundle(path, verify_hashes=verify_hashes), log)
+        pipe = cls(load_bundle(path, verify_hashes=verify_hashes, mesh=mesh), log, mesh)
         pipe.log(f"loaded bundle {path}: {', '.join(s.name for s in pipe.bundle.stages)} "
                  f"({time.perf_counter() - t0:.1f}s)")
         return pipe
@@ -204,13 +209,13 @@ class UnCLIPPipeline:
         stage = (self.prior or self.decoder).stage  # both carry the frozen CLIP's text tower
         fn = self._fn(("text",), lambda: jax.jit(stage.clip_text))
         emb, states, valid = fn(self.clip.params, tokens)
-        return np.asarray(emb), np.asarray(states), np.asarray(valid)
+        return to_host(emb), to_host(states), to_host(valid)
 
     def embed_images(self, images: np.ndarray) -> np.ndarray:
         """uint8 [N, S, S, 3] at the CLIP's image size -> the decoder's conditioning embeddings [N, E]."""
         dec = self.decoder.stage
         fn = self._fn(("embed",), lambda: jax.jit(dec.conditioning_embedding))
-        return np.asarray(fn(self.clip.params, images))
+        return to_host(fn(self.clip.params, images))
 
     def _prepare(self, image: Any, what: str = "image") -> np.ndarray:
         return load_image(image, what)  # cropped to a square by CLIP's preprocessing in _embed_and_invert
@@ -237,7 +242,7 @@ class UnCLIPPipeline:
             steps=s["steps"], guidance_scale=s["guidance_scale"], num_candidates=s["num_candidates"],
             sampler=s["sampler"], eta=s["eta"]))
         return run_batched(lambda t, st, va, i: fn(self.prior.params, t, st, va, jax.random.fold_in(key, i)),
-                           batch_size, text_emb, states, valid)
+                           batch_size, text_emb, states, valid, mesh=self.mesh)
 
     def decode(self, emb: np.ndarray, tokens: np.ndarray, settings: dict, key: jax.Array, batch_size: int,
                x_T: np.ndarray | None = None) -> np.ndarray:
@@ -249,16 +254,17 @@ class UnCLIPPipeline:
             steps=s["steps"], guidance_scale=s["guidance_scale"], sampler=s["sampler"], eta=s["eta"]))
         p = self.decoder.params
         if x_T is None:
-            return run_batched(lambda e, t, i: fn(p, e, t, jax.random.fold_in(key, i)), batch_size, emb, tokens)
+            return run_batched(lambda e, t, i: fn(p, e, t, jax.random.fold_in(key, i)), batch_size, emb, tokens,
+                               mesh=self.mesh)
         return run_batched(lambda e, t, x, i: fn(p, e, t, jax.random.fold_in(key, i), x), batch_size, emb, tokens,
-                           x_T)
+                           x_T, mesh=self.mesh)
 
     def invert(self, emb: np.ndarray, images: np.ndarray, settings: dict, fixed_point_iters: int = 3) -> np.ndarray:
         """DDIM inversion of decoder-resolution uint8 images under the guided decoder -> x_T (float32)."""
         s = settings[self.decoder.name]
         fn = self._fn(("invert", s["steps"], s["guidance_scale"], fixed_point_iters),
                       lambda: self.decoder.stage.make_inverter(s["steps"], s["guidance_scale"], fixed_point_iters))
-        return np.asarray(fn(self.decoder.params, emb, self._empty_tokens(len(emb)), images))
+        return to_host(fn(self.decoder.params, emb, self._empty_tokens(len(emb)), images))
 
     def upsample(self, images: np.ndarray, settings: dict, keys: Callable[[int], jax.Array], batch_size: int,
                  timings: dict, num_upsamplers: int | None = None, known: np.ndarray | None = None,
@@ -278,12 +284,13 @@ class UnCLIPPipeline:
                 kn_b, kp_b = np.repeat(kn[None], n, 0), np.repeat(kp[None], n, 0)
                 images = self._timed(timings, ls.name, lambda: run_batched(
                     lambda lo, k_, m_, i: fn(ls.params, lo, k_, m_, jax.random.fold_in(key, i)), batch_size,
-                    images, kn_b, kp_b), f"RePaint to {res}x{res}, {s['steps']} steps x {repaint[0]} resamplings")
+                    images, kn_b, kp_b, mesh=self.mesh),
+                    f"RePaint to {res}x{res}, {s['steps']} steps x {repaint[0]} resamplings")
             else:
                 fn = self._fn((ls.name, tuple(sorted(s.items()))),
                               lambda: ls.stage.make_sampler(steps=s["steps"], sampler=s["sampler"], eta=s["eta"]))
                 images = self._timed(timings, ls.name, lambda: run_batched(
-                    lambda lo, i: fn(ls.params, lo, jax.random.fold_in(key, i)), batch_size, images),
+                    lambda lo, i: fn(ls.params, lo, jax.random.fold_in(key, i)), batch_size, images, mesh=self.mesh),
                     f"{len(images)} images to {res}x{res}, {s['steps']} {s['sampler']} steps")
             out[ls.name] = images
         return out
@@ -475,7 +482,8 @@ class UnCLIPPipeline:
         key = keys(1)
         stage_images = {"decoder": self._timed(timings, "decoder", lambda: run_batched(
             lambda e, t, k_, m_, i: fn(self.decoder.params, e, t, k_, m_, jax.random.fold_in(key, i)), bs, emb,
-            tokens, known, kp), f"RePaint {ds['steps']} steps x {resample} resamplings (jump {jump_length})")}
+            tokens, known, kp, mesh=self.mesh),
+            f"RePaint {ds['steps']} steps x {resample} resamplings (jump {jump_length})")}
         stage_images.update(self.upsample(stage_images["decoder"], s, keys, bs, timings, num_upsamplers,
                                           known=src, keep=keep, repaint=rp))
         info.update(method="inpaint", prompt=prompt, num=int(num), resample=int(resample),

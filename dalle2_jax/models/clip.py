@@ -210,3 +210,10 @@ def build_clip(model_cfg: Any, eot_id: int) -> CLIP:
                                remat=model_cfg.remat, scan_layers=model_cfg.scan_layers, dtype=dtype)
     return CLIP(text=text, vision=vision, init_logit_scale=float(model_cfg.init_logit_scale),
                 max_logit_scale=float(model_cfg.max_logit_scale))
+
+
+def init_clip(model: CLIP, rng: jax.Array) -> Any:
+    """Fresh (logically boxed) params of `model`, initialised on a [1, R, R, 3] image and one [1, L] caption."""
+    size, length = model.vision.image_size, model.text.context_length
+    tokens = jnp.zeros((1, length), jnp.int32).at[:, 1].set(model.text.eot_id)
+    return model.init(rng, jnp.zeros((1, size, size, 3), jnp.float32), tokens)

@@ -53,6 +53,17 @@ class Stage:
         """Params of frozen models used by `loss` (passed to the step as an argument), or None."""
         return None
 
+    def abstract_frozen(self) -> Any:
+        """The logically boxed abstract tree of `load_frozen()`'s params (jax.eval_shape), so the trainer can
+        shard frozen models like trained ones; None = replicate them (or no frozen params)."""
+        return None
+
+    def abstract_train_inputs(self, global_batch: int, clip_model_cfg: Any = None) -> tuple[dict, Any]:
+        """For compiling the train step with no data and no workdir (launch/aot_compile.py): builds the model
+        and returns ({name: jax.ShapeDtypeStruct [global_batch, ...]} of one train batch, the boxed abstract
+        frozen params or None). Stages with a frozen CLIP build it from `clip_model_cfg` (a CLIP config.model)."""
+        raise NotImplementedError
+
     def train_iterator(self, local_batch_size: int, process_index: int, process_count: int) -> grain.IterDataset:
         """The per-process training batches (numpy dicts of [local_batch, ...] arrays)."""
         raise NotImplementedError
@@ -109,6 +120,19 @@ class FrozenClipMixin:
         emb = emb * jax.lax.rsqrt(jnp.sum(emb * emb, axis=-1, keepdims=True) + 1e-12)
         pad = int(self.tokenizer.pad_id) if self.tokenizer is not None else 0
         return jax.lax.stop_gradient(emb), jax.lax.stop_gradient(states.astype(jnp.float32)), tokens != pad
+
+    def use_abstract_clip(self, clip_model_cfg: Any) -> None:
+        """Builds `self.clip` from a CLIP `config.model` group instead of a workdir (AOT compilation)."""
+        from dalle2_jax.models.clip import build_clip
+
+        self.clip = build_clip(clip_model_cfg, eot_id=int(clip_model_cfg.text.vocab_size) - 1)
+
+    def abstract_frozen(self) -> Any:
+        if self.config.data.embeddings_dir or getattr(self, "clip", None) is None:
+            return None
+        from dalle2_jax.models.clip import init_clip
+
+        return jax.eval_shape(lambda rng: init_clip(self.clip, rng), jax.random.key(0))
 
     def clip_params(self):
         """The frozen CLIP's (EMA) params, loaded once."""

@@ -9,9 +9,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 from dalle2_jax.data import pipeline
-from dalle2_jax.models.clip import build_clip
+from dalle2_jax.models.clip import build_clip, init_clip
 from dalle2_jax.models.layers import ACTIVATIONS
 from dalle2_jax.models.transformer import REMAT_POLICIES
 from dalle2_jax.stages.base import Stage
@@ -124,10 +125,14 @@ class ClipStage(Stage):
         self.model = build_clip(self.config.model, self.tokenizer.eot_id)
 
     def init_params(self, rng: jax.Array) -> Any:
+        return init_clip(self.model, rng)
+
+    def abstract_train_inputs(self, global_batch: int, clip_model_cfg: Any = None) -> tuple[dict, Any]:
+        if self.model is None:
+            self.model = build_clip(self.config.model, eot_id=int(self.config.model.text.vocab_size) - 1)
         v, t = self.config.model.vision, self.config.model.text
-        images = jnp.zeros((1, v.image_size, v.image_size, 3), jnp.float32)
-        tokens = jnp.zeros((1, t.context_length), jnp.int32).at[:, 1].set(self.model.text.eot_id)
-        return self.model.init(rng, images, tokens)
+        return {"image": jax.ShapeDtypeStruct((global_batch, v.image_size, v.image_size, 3), jnp.uint8),
+                "tokens": jax.ShapeDtypeStruct((global_batch, t.context_length), jnp.int32)}, None
 
     def abstract_init(self, rng: jax.Array) -> Any:
         # Param shapes do not depend on the tokenizer, so no workdir is needed (tools.params).
@@ -171,8 +176,11 @@ class ClipStage(Stage):
                 n = len(chunk)
                 if n < bs:  # pad to one shape: no recompilation
                     chunk = np.concatenate([chunk, np.repeat(chunk[-1:], bs - n, axis=0)])
-                x = jax.device_put(chunk, batch_sharding(mesh, chunk.ndim))
-                out.append(np.asarray(jax.device_get(fn(params, x)))[:n])
+                x = jax.device_put(chunk, batch_sharding(mesh, chunk.ndim))  # every process passes the same chunk
+                y = fn(params, x)
+                # multi-process: the rows live on every process's devices; gather them all on each process
+                y = y if y.is_fully_addressable else multihost_utils.process_allgather(y, tiled=True)
+                out.append(np.asarray(jax.device_get(y))[:n])
             return np.concatenate(out) if out else np.zeros((0, self.config.model.embed_dim), np.float32)
 
         return (lambda p, x: run(embed_images, p, x)), (lambda p, x: run(embed_texts, p, x))

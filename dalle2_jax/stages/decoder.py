@@ -30,6 +30,7 @@ from dalle2_jax.stages.image_diffusion import (ImageDiffusionStage, image_grid, 
                                                to_uint8)
 from dalle2_jax.text import load_tokenizer
 from dalle2_jax.training.config import ConfigError
+from dalle2_jax.training.partitioning import replicated, to_host
 
 
 
@@ -128,6 +129,26 @@ class DecoderStage(FrozenClipMixin, ImageDiffusionStage):
     def load_frozen(self) -> Any:
         return None if self.config.data.embeddings_dir else self.clip_params()
 
+    def abstract_train_inputs(self, global_batch: int, clip_model_cfg: Any = None) -> tuple[dict, Any]:
+        if clip_model_cfg is None:
+            raise ValueError("the decoder's step runs its frozen CLIP: pass the CLIP's config.model")
+        m, c = self.config.model, clip_model_cfg
+        for key, want in (("clip_embed_dim", c.embed_dim), ("clip_vocab_size", c.text.vocab_size),
+                          ("clip_context_length", c.text.context_length)):
+            if int(m[key]) != int(want):
+                raise ConfigError(f"model.{key}", f"is {m[key]} but the CLIP config says {want}")
+        self.setup_model()
+        self.use_abstract_clip(c)
+        self.clip_resolution = int(c.vision.image_size)
+        b, r = global_batch, int(self.config.data.resolution)
+        batch = {"image": jax.ShapeDtypeStruct((b, r, r, 3), jnp.uint8),
+                 "tokens": jax.ShapeDtypeStruct((b, self.clip_context), jnp.int32)}
+        if self.config.data.embeddings_dir:
+            return dict(batch, image_emb=jax.ShapeDtypeStruct((b, self.embed_dim), jnp.float32)), None
+        if self._separate_clip_resolution():
+            batch["clip_image"] = jax.ShapeDtypeStruct((b, self.clip_resolution, self.clip_resolution, 3), jnp.uint8)
+        return batch, self.abstract_frozen()
+
     def train_iterator(self, local_batch_size: int, process_index: int, process_count: int):
         d = self.config.data
         if d.embeddings_dir:
@@ -135,11 +156,9 @@ class DecoderStage(FrozenClipMixin, ImageDiffusionStage):
 
             ds = grain.MapDataset.source(grain.sources.ArrayRecordDataSource(embedding_files(d.embeddings_dir,
                                                                                              d.train_split)))
-            if process_count > 1:
-                ds = ds[process_index::process_count]
             ds = ds.seed(self.config.seed).shuffle().repeat(None).map(_JoinImage(d, d.train_split))
-            it = ds.to_iter_dataset(grain.ReadOptions(num_threads=int(d.read_threads), prefetch_buffer_size=64))
-            it = it.batch(local_batch_size, drop_remainder=True)
+            it = pipeline.shard_batches(ds, local_batch_size, process_index, process_count,
+                                        read_threads=int(d.read_threads))
             if int(d.num_workers) > 0:
                 it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(d.num_workers)))
             return it
@@ -252,7 +271,7 @@ class DecoderStage(FrozenClipMixin, ImageDiffusionStage):
         from dalle2_jax.stages.clip import zero_shot_attributes
 
         cfg, d = self.config, self.config.data
-        frozen = self.clip_params()
+        frozen = jax.device_put(self.clip_params(), replicated(mesh))  # beside the sharded batch
         source = pipeline.open_source(d, d.eval_split, skip_decoding=(d.image_key,))
         has_scene = "scene" in source[0]
         keys = [d.image_key, d.text_key] + (["scene"] if has_scene else [])
@@ -273,10 +292,11 @@ class DecoderStage(FrozenClipMixin, ImageDiffusionStage):
         j = self._eval_jits
         bs = int(cfg.eval.batch_size)
         key = jax.random.key(cfg.seed + 1)
-        real_unit = run_batched(lambda x, i: j["unit"](frozen, x), bs, clip_images)
+        real_unit = run_batched(lambda x, i: j["unit"](frozen, x), bs, clip_images, mesh=mesh)
         samples = run_batched(lambda x, t, i: j["sample"](params, j["cond"](frozen, x), t, jax.random.fold_in(key, i)),
-                              bs, clip_images, tokens)
-        samp_unit = run_batched(lambda x, i: j["unit"](frozen, x), bs, resize_square(samples, self.clip_resolution))
+                              bs, clip_images, tokens, mesh=mesh)
+        samp_unit = run_batched(lambda x, i: j["unit"](frozen, x), bs, resize_square(samples, self.clip_resolution),
+                                mesh=mesh)
         perm = np.roll(np.arange(len(records)), 1)
         out: dict[str, Any] = {
             "num_examples": len(records),
@@ -284,7 +304,7 @@ class DecoderStage(FrozenClipMixin, ImageDiffusionStage):
             "shuffled_clip_cosine": float(np.mean(np.sum(samp_unit * real_unit[perm], axis=1))),
         }
         if has_scene:
-            embed_text = lambda t: np.asarray(j["text"](frozen, t))  # noqa: E731
+            embed_text = lambda t: to_host(j["text"](frozen, t))  # noqa: E731
             scenes = [r["scene"] for r in records]
             zs = zero_shot_attributes(scenes, samp_unit, embed_text, self.tokenizer)
             real = zero_shot_attributes(scenes, real_unit, embed_text, self.tokenizer)

@@ -46,16 +46,21 @@ def image_grid(rows: list[np.ndarray], pad: int = 2) -> np.ndarray:
     return grid
 
 
-def run_batched(fn, batch_size: int, *arrays: np.ndarray) -> np.ndarray:
+def run_batched(fn, batch_size: int, *arrays: np.ndarray, mesh=None) -> np.ndarray:
     """fn(*chunks, batch_index) over `batch_size` rows of `arrays` at a time (the last chunk padded by
-    repeating its last row, so one compiled shape serves all), concatenated to numpy."""
+    repeating its last row, so one compiled shape serves all), concatenated to numpy. With a `mesh` the
+    batch is rounded up to a multiple of its batch axes and every chunk is sharded over them, so each device
+    samples its own rows (a pod evaluates in parallel); the results are gathered to every process."""
+    from dalle2_jax.training.partitioning import round_batch, shard_rows, to_host
+
+    batch_size = round_batch(batch_size, mesh)
     outs = []
     for i, start in enumerate(range(0, len(arrays[0]), batch_size)):
         chunks = [a[start: start + batch_size] for a in arrays]
         n = len(chunks[0])
         if n < batch_size:
             chunks = [np.concatenate([c, np.repeat(c[-1:], batch_size - n, 0)]) for c in chunks]
-        outs.append(np.asarray(fn(*chunks, i))[:n])
+        outs.append(to_host(fn(*shard_rows(mesh, *chunks), i))[:n])
     return np.concatenate(outs)
 
 

@@ -27,6 +27,7 @@ from dalle2_jax.stages.base import (TOKENIZER_DIR, FrozenClipMixin, Stage, valid
                                     validate_diffusion_keys)
 from dalle2_jax.text import load_tokenizer
 from dalle2_jax.training.config import ConfigError
+from dalle2_jax.training.partitioning import replicated, round_batch, shard_rows, to_host
 
 SAMPLERS = ("ddim", "ddpm", "analytic")
 
@@ -51,16 +52,14 @@ class _DecodeEmbedding(grain.transforms.Map):
 
 def embedding_pipeline(directory: str, split: str, *, local_batch_size: int, seed: int, process_index: int = 0,
                        process_count: int = 1, num_workers: int = 0) -> grain.IterDataset:
-    """Batches of precomputed embeddings (tools.embed output): {'image_emb' [b,E], 'text_emb' [b,E],
-    'token_states' [b,L,W], 'tokens' [b,L]}, this process's stride of the records, shuffled by `seed`."""
+    """Endless batches of precomputed embeddings (tools.embed output): {'image_emb' [b,E], 'text_emb' [b,E],
+    'token_states' [b,L,W], 'tokens' [b,L]}, shuffled by `seed`; this process's slice of every global
+    batch (see pipeline.shard_batches)."""
     from dalle2_jax.tools.embed import embedding_files
 
     ds = grain.MapDataset.source(grain.sources.ArrayRecordDataSource(embedding_files(directory, split)))
-    if process_count > 1:
-        ds = ds[process_index::process_count]
     ds = ds.seed(seed).shuffle().repeat(None).map(_DecodeEmbedding())
-    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=64))
-    it = it.batch(local_batch_size, drop_remainder=True)
+    it = pipeline.shard_batches(ds, local_batch_size, process_index, process_count, read_threads=2)
     if num_workers > 0:
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
     return it
@@ -208,6 +207,23 @@ class PriorStage(FrozenClipMixin, Stage):
         # Training from precomputed embeddings needs no CLIP in the step.
         return None if self.config.data.embeddings_dir else self.clip_params()
 
+    def abstract_train_inputs(self, global_batch: int, clip_model_cfg: Any = None) -> tuple[dict, Any]:
+        if clip_model_cfg is None:
+            raise ValueError("the prior's step runs its frozen CLIP: pass the CLIP's config.model")
+        self.use_abstract_clip(clip_model_cfg)
+        c = clip_model_cfg
+        self.clip_embed_dim, self.text_width, self.context_length = (
+            int(c.embed_dim), int(c.text.width), int(c.text.context_length))
+        self._build_prior()
+        b, e, n = global_batch, self.clip_embed_dim, self.context_length
+        tokens = jax.ShapeDtypeStruct((b, n), jnp.int32)
+        if self.config.data.embeddings_dir:
+            f32 = jnp.float32
+            return {"image_emb": jax.ShapeDtypeStruct((b, e), f32), "text_emb": jax.ShapeDtypeStruct((b, e), f32),
+                    "token_states": jax.ShapeDtypeStruct((b, n, self.text_width), f32), "tokens": tokens}, None
+        r = int(c.vision.image_size)
+        return {"image": jax.ShapeDtypeStruct((b, r, r, 3), jnp.uint8), "tokens": tokens}, self.abstract_frozen()
+
     def train_iterator(self, local_batch_size: int, process_index: int, process_count: int):
         if self.config.data.embeddings_dir:
             return embedding_pipeline(self.config.data.embeddings_dir, self.config.data.train_split,
@@ -309,14 +325,14 @@ class PriorStage(FrozenClipMixin, Stage):
         image_retrieval_r1 and heldout_prior_cosine on the test split."""
         cfg = self.config
         data_cfg = cfg.data
-        frozen = self.clip_params()
+        frozen = jax.device_put(self.clip_params(), replicated(mesh))  # beside the sharded batches
         source = pipeline.open_source(data_cfg, data_cfg.eval_split, skip_decoding=(data_cfg.image_key,))
         has_scene = "scene" in source[0]
         keys = [data_cfg.image_key, data_cfg.text_key] + (["scene"] if has_scene else [])
         records = pipeline.read_split(data_cfg, data_cfg.eval_split, keys, int(cfg.eval.max_examples))
         images = np.stack([r[data_cfg.image_key] for r in records])
         tokens = self.tokenizer.encode_batch([r[data_cfg.text_key] for r in records])
-        bs = int(cfg.eval.batch_size)
+        bs = round_batch(int(cfg.eval.batch_size), mesh)  # every device samples its rows of each batch
         if self._eval_jits is None:  # built once: periodic evaluations reuse the compiled functions
             self._eval_jits = (jax.jit(self.clip_image), jax.jit(self.clip_text), self.make_sampler())
         embed_img, embed_txt, sampler = self._eval_jits
@@ -325,8 +341,9 @@ class PriorStage(FrozenClipMixin, Stage):
         if cfg.sampling.sampler == "analytic":  # Gamma from real training pairs, not the test split
             train_rows = pipeline.read_split(data_cfg, data_cfg.train_split, [data_cfg.image_key, data_cfg.text_key],
                                              bs)
-            ti = embed_img(frozen, np.stack([r[data_cfg.image_key] for r in train_rows]))
-            tt, tst, tva = embed_txt(frozen, self.tokenizer.encode_batch([r[data_cfg.text_key] for r in train_rows]))
+            ti = embed_img(frozen, *shard_rows(mesh, np.stack([r[data_cfg.image_key] for r in train_rows])))
+            tt, tst, tva = embed_txt(frozen, *shard_rows(mesh, self.tokenizer.encode_batch(
+                [r[data_cfg.text_key] for r in train_rows])))
             gamma = self.make_gamma_estimator()(params, ti, tt, tst, tva, jax.random.key(cfg.seed + 2))
         perm = np.random.default_rng(cfg.seed).permutation(len(records))
         img_e, txt_e, samp, samp_shuf = [], [], [], []
@@ -334,19 +351,21 @@ class PriorStage(FrozenClipMixin, Stage):
         for start in range(0, len(records), bs):
             sl = slice(start, start + bs)
             n = len(images[sl])
-            pad = lambda x: np.concatenate([x, np.repeat(x[-1:], bs - n, 0)]) if n < bs else x  # noqa: E731
-            img_e.append(np.asarray(embed_img(frozen, pad(images[sl])))[:n])
+            def pad(x):  # one shape for every batch, its rows sharded over the batch axes
+                return shard_rows(mesh, np.concatenate([x, np.repeat(x[-1:], bs - n, 0)]) if n < bs else x)[0]
+
+            img_e.append(to_host(embed_img(frozen, pad(images[sl])))[:n])
             t, st, va = embed_txt(frozen, pad(tokens[sl]))
-            txt_e.append(np.asarray(t)[:n])
+            txt_e.append(to_host(t)[:n])
             if start == 0:  # compile outside the timing
                 jax.block_until_ready(sampler(params, t, st, va, key, gamma))
             t0 = time.perf_counter()
-            samp.append(np.asarray(sampler(params, t, st, va, jax.random.fold_in(key, start), gamma))[:n])
+            samp.append(to_host(sampler(params, t, st, va, jax.random.fold_in(key, start), gamma))[:n])
             sample_time += time.perf_counter() - t0
             sampled += bs
             ts, sts, vas = embed_txt(frozen, pad(tokens[perm][sl]))
-            samp_shuf.append(np.asarray(sampler(params, ts, sts, vas, jax.random.fold_in(key, 10**6 + start),
-                                                gamma))[:n])
+            samp_shuf.append(to_host(sampler(params, ts, sts, vas, jax.random.fold_in(key, 10**6 + start),
+                                             gamma))[:n])
         img_e, txt_e = np.concatenate(img_e), np.concatenate(txt_e)
         samp, samp_shuf = np.concatenate(samp), np.concatenate(samp_shuf)
         cos = np.sum(samp * img_e, axis=1)

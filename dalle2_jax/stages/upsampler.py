@@ -77,6 +77,12 @@ class UpsamplerStage(ImageDiffusionStage):
         return self.unet.init(rng, jnp.zeros((1, c, c, 3)), jnp.zeros((1,), jnp.int32),
                               low_res=jnp.zeros((1, lc, lc, 3)), noise_level=jnp.zeros((1,), jnp.int32))
 
+    def abstract_train_inputs(self, global_batch: int, clip_model_cfg: Any = None) -> tuple[dict, Any]:
+        self.setup_model()
+        c = int(self.config.data.crop_size) or int(self.config.data.resolution)
+        return {"high": jax.ShapeDtypeStruct((global_batch, c, c, 3), jnp.uint8),
+                "low": jax.ShapeDtypeStruct((global_batch, c // self.factor, c // self.factor, 3), jnp.uint8)}, None
+
     def train_iterator(self, local_batch_size: int, process_index: int, process_count: int):
         m = self.config.model
         return pipeline.upsampler_pipeline(
@@ -151,7 +157,7 @@ class UpsamplerStage(ImageDiffusionStage):
             self._eval_jits["sample"] = self.make_sampler()
         key = jax.random.key(cfg.seed + 1)
         samples = run_batched(lambda x, i: self._eval_jits["sample"](params, x, jax.random.fold_in(key, i)),
-                              int(cfg.eval.batch_size), low)
+                              int(cfg.eval.batch_size), low, mesh=mesh)
         g = min(int(cfg.eval.grid_size), len(records))
         # Rows: low-res input (pixel repetition), bicubic, sample, truth; one column per example.
         grid = image_grid([low_nearest(low[:g], self.factor), bicubic[:g], samples[:g], high[:g]])

@@ -40,6 +40,13 @@ def make_mesh(config, devices: list | None = None) -> Mesh:
     return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3, devices=devices)
 
 
+def data_parallel_mesh(devices: list | None = None) -> Mesh:
+    """A ('data', 'fsdp', 'tensor') mesh with every device on `data` (for sharded sampling)."""
+    devices = devices if devices is not None else jax.devices()
+    return jax.make_mesh((len(devices), 1, 1), MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3,
+                         devices=devices)
+
+
 def _fit_spec(spec: P, shape: tuple[int, ...], mesh: Mesh) -> P:
     """Drops mesh axes from dims they do not divide evenly (e.g. a 3-channel conv input on fsdp=4)."""
     out = []
@@ -85,3 +92,33 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
     """Turns this process's slice of the batch into global arrays laid out over the batch axes."""
     return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, v.ndim), v) for k, v in local.items()}
+
+
+def batch_parallelism(mesh: Mesh) -> int:
+    """How many ways the batch axes ('data', 'fsdp') split a batch."""
+    return int(mesh.shape["data"] * mesh.shape["fsdp"])
+
+
+def round_batch(batch_size: int, mesh: Mesh | None) -> int:
+    """`batch_size` rounded up to a multiple of the mesh's batch parallelism (one row per device at least)."""
+    if mesh is None:
+        return batch_size
+    k = batch_parallelism(mesh)
+    return max(k, -(-batch_size // k) * k)
+
+
+def shard_rows(mesh: Mesh | None, *arrays: np.ndarray) -> list:
+    """Host arrays (the same on every process) -> global arrays with the leading dim over the batch axes,
+    so a jitted function runs each device on its rows; unchanged when `mesh` is None."""
+    if mesh is None:
+        return list(arrays)
+    return [jax.device_put(a, batch_sharding(mesh, np.ndim(a))) for a in arrays]
+
+
+def to_host(x: Any) -> np.ndarray:
+    """A (possibly multi-host, sharded) array -> the whole value as numpy on every process."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)

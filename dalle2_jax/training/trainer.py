@@ -65,32 +65,51 @@ class Run:
     def num_params(self) -> int:
         return int(sum(np.prod(x.shape) for x in jax.tree.leaves(self.abstract_state.params)))
 
-    def compile_step(self, frozen: Any):
-        """The jitted train step (state donated), sharded over the mesh."""
-        step_fn = make_train_step(self.stage.loss, self.tx, self.config)
+    def frozen_shardings(self, frozen: Any) -> Any:
+        """Shardings for the frozen params: by the logical rules (FSDP/tensor, like trained params) when
+        the stage describes them (`abstract_frozen`), else replicated."""
         rep = replicated(self.mesh)
-        frozen_sh = jax.tree.map(lambda _: rep, frozen)
+        abstract = self.stage.abstract_frozen() if frozen is not None else None
+        if abstract is not None:
+            with jax.set_mesh(self.mesh), nn.logical_axis_rules(LOGICAL_RULES):
+                shardings = logical_shardings(abstract, self.mesh)
+            if jax.tree.structure(shardings) == jax.tree.structure(frozen):
+                return shardings
+            log.warning("frozen params do not match the stage's abstract tree; replicating them")
+        return jax.tree.map(lambda _: rep, frozen)
 
-        def batch_sh(batch):
-            return {k: batch_sharding(self.mesh, v.ndim) for k, v in batch.items()}
-
-        def wrapped(state, batch, frozen_, key):
-            with nn.logical_axis_rules(LOGICAL_RULES):
-                return step_fn(state, batch, frozen_, key)
-
+    def compile_step(self, frozen: Any):
+        """run_step(state, batch) -> (state, metrics): the jitted train step (state donated), sharded over
+        the mesh, with `frozen` laid out on the mesh once (see frozen_shardings)."""
+        frozen_sh = self.frozen_shardings(frozen)
+        frozen = jax.device_put(frozen, frozen_sh) if frozen is not None else None
         self._jitted = {}
 
         def run_step(state, batch):
             # one compiled function per batch signature (one in training): no recompilation per step
             sig = tuple(sorted((k, v.shape) for k, v in batch.items()))
             if sig not in self._jitted:
-                self._jitted[sig] = jax.jit(wrapped, in_shardings=(self.state_shardings, batch_sh(batch), frozen_sh,
-                                                                   rep),
-                                            out_shardings=(self.state_shardings, rep), donate_argnums=(0,))
+                self._jitted[sig] = jit_train_step(self.stage, self.tx, self.config, self.mesh, self.state_shardings,
+                                                   {k: v.ndim for k, v in batch.items()}, frozen_sh)
             with jax.set_mesh(self.mesh):
                 return self._jitted[sig](state, batch, frozen, self.step_rng)
 
         return run_step
+
+
+def jit_train_step(stage, tx, config, mesh, state_shardings: Any, batch_ndims: dict, frozen_shardings: Any):
+    """The train step jitted with its shardings: (state, batch, frozen, key) -> (state, metrics), the state
+    donated. Shared by the trainer and launch/aot_compile.py (which lowers it for a TPU topology)."""
+    step_fn = make_train_step(stage.loss, tx, config)
+    rep = replicated(mesh)
+
+    def wrapped(state, batch, frozen, key):
+        with nn.logical_axis_rules(LOGICAL_RULES):
+            return step_fn(state, batch, frozen, key)
+
+    batch_sh = {k: batch_sharding(mesh, nd) for k, nd in batch_ndims.items()}
+    return jax.jit(wrapped, in_shardings=(state_shardings, batch_sh, frozen_shardings, rep),
+                   out_shardings=(state_shardings, rep), donate_argnums=(0,))
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
