@@ -27,16 +27,22 @@ STAGES = [
     ("decoder", "Decoder: 64 px UNet + caption transformer (3.56B), frozen CLIP in the step",
      "configs/decoder.py:paper", "v5p-128", "1,-1,1"),
     ("up256", "Upsampler 64->256 (692M), 64 px crops", "configs/upsampler.py:paper_64to256", "v5p-64", "1,-1,1"),
-    ("up1024", "Upsampler 256->1024 (267M), 256 px crops", "configs/upsampler.py:paper_256to1024", "v5p-64",
+    # on v5p-64 (16 crops of 256 px per chip) the step needs 96.5 GiB of the 95: one slice size up
+    ("up1024", "Upsampler 256->1024 (267M), 256 px crops", "configs/upsampler.py:paper_256to1024", "v5p-128",
      "1,-1,1"),
 ]
 
 
+def command(key: str, config: str, topology: str, mesh: str) -> list[str]:
+    """The launch/aot_compile.py command line of one stage (paths relative to the repository)."""
+    return ["launch/aot_compile.py", "--config", config, "--clip_config", "configs/clip.py:paper",
+            "--topology", topology, "--mesh", mesh]
+
+
 def run_stage(key: str, config: str, topology: str, mesh: str) -> dict:
     out = os.path.join(RESULTS, f"{key}.json")
-    cmd = [sys.executable, os.path.join(REPO, "launch", "aot_compile.py"), "--config", os.path.join(REPO, config),
-           "--clip_config", os.path.join(REPO, "configs", "clip.py") + ":paper", "--topology", topology,
-           "--mesh", mesh, "--json_out", out, "--hlo_out", os.path.join(RESULTS, f"{key}.hlo.txt.gz")]
+    cmd = [sys.executable] + command(key, config, topology, mesh) + [
+        "--json_out", out, "--hlo_out", os.path.join(RESULTS, f"{key}.hlo.txt.gz")]
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     t0 = time.time()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=REPO)
@@ -44,9 +50,6 @@ def run_stage(key: str, config: str, topology: str, mesh: str) -> dict:
     if proc.returncode not in (0, 1):
         raise RuntimeError(f"{key}: exit {proc.returncode}\n{proc.stderr[-4000:]}")
     report = upgrade(json.load(open(out)), key)
-    report["command"] = "python launch/aot_compile.py " + " ".join(
-        a.replace(REPO + os.sep, "") for a in cmd[2:]
-        if not a.startswith(RESULTS) and a not in ("--json_out", "--hlo_out"))
     report["wall_s"] = round(time.time() - t0, 1)
     with open(out, "w") as f:
         json.dump(report, f, indent=2)
@@ -94,8 +97,18 @@ def write_scaling_md(reports: dict) -> str:
             f"{f['model_analytic']:.2e} / {f['hardware_analytic']:.2e} | "
             f"{rl['compute_s'] * 1e3:.0f} / {rl['hbm_s'] * 1e3:.0f} / {rl['ici_s'] * 1e3:.0f} | "
             f"{rl['step_s'] * 1e3:.0f} ms | {rl['mfu'] * 100:.0f}% |")
-    commands = "\n".join(reports[k]["command"] for k, *_ in STAGES if k in reports)
+    commands = "\n".join("python " + " ".join(command(*st[:1], *st[2:])) for st in STAGES if st[0] in reports)
     import importlib.metadata as md
+
+    misfits = []
+    for name in sorted(os.listdir(RESULTS)):
+        r = json.load(open(os.path.join(RESULTS, name))) if name.endswith(".json") else None
+        if r is not None and not r.get("fits", True):
+            misfits.append(f"- `{r['config']}` at global batch {r['global_batch']} on {r['topology']} (mesh "
+                           f"{r['mesh']}, remat {r['remat']}) needs {r['memory_per_device_gib']['total']:.1f} GiB "
+                           f"per chip of {r['memory_per_device_gib']['hbm']:.0f}: it does not fit "
+                           f"(`benchmarks/results/aot/{name}`).")
+    misfit_text = ("\nChecked and rejected by the tool (exit 1):\n" + "\n".join(misfits) + "\n") if misfits else ""
 
     versions = f"jax {md.version('jax')}, libtpu {md.version('libtpu')}"
     text = f"""# Scaling: the paper's stages on TPU slices (ahead-of-time compiled)
@@ -107,7 +120,7 @@ libtpu's topology description ({versions}). Produced by `python benchmarks/aot_s
 
 {HEADER}
 {chr(10).join(rows)}
-
+{misfit_text}
 How to read it:
 - **Memory** is XLA's per-device memory analysis of the compiled step: arguments (params, EMA, Adam moments,
   the batch, the frozen CLIP), temporaries (activations kept for the backward pass, gradients, buffers), and

@@ -45,7 +45,7 @@ def test_flop_count_matches_the_formula_for_a_transformer_and_a_conv():
 
     from dalle2_jax.models.transformer import Transformer
 
-    b, t, d, depth = 4, 16, 64, 3
+    b, t, d, depth = 2, 8, 32, 2
     x = jnp.zeros((b, t, d))
     expected = depth * (2 * b * t * 12 * d * d + 2 * 2 * b * t * t * d)  # qkv+out+4x MLP, and QK^T, AV
     flops = {}
@@ -108,14 +108,14 @@ def test_hlo_traffic_equals_xla_on_a_loop_free_step_and_counts_scanned_layers():
     scanned (XLA counts the body once) it stays near the unrolled figure instead of dropping by the depth."""
     from dalle2_jax.models.transformer import Transformer
 
-    x = jnp.zeros((2, 16, 64))
+    x = jnp.zeros((2, 8, 32))
     got = {}
     for scan in (False, True):
-        m = Transformer(depth=4, num_heads=2, scan_layers=scan)
+        m = Transformer(depth=3, num_heads=2, scan_layers=scan)
         p = m.init(jax.random.key(0), x)
         compiled = jax.jit(jax.grad(lambda p: jnp.sum(m.apply(p, x) ** 2))).lower(p).compile()
         got[scan] = (hlo_traffic(compiled.as_text())["hbm_bytes"], compiled.cost_analysis()["bytes accessed"])
-    assert abs(got[False][0] - got[False][1]) < 1e-4 * got[False][1]  # a few scalars apart
+    assert abs(got[False][0] - got[False][1]) < 1e-3 * got[False][1]  # a few scalars apart
     assert 0.9 * got[False][0] < got[True][0] < 2.5 * got[False][0]
 
 

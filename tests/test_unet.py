@@ -16,8 +16,10 @@ from dalle2_jax.models.unet import UNet
     "upsampler:tiny_256to1024", "upsampler:paper_256to1024",
 ])
 def test_every_config_has_the_right_output_shape(variant):
-    """Built from the config through the stage, with jax.eval_shape (no memory for the paper models);
-    tests/test_scale.py checks the paper models' parameter counts."""
+    """Built from the config through the stage, with jax.eval_shape (no memory for the paper models); the
+    paper models' parameter counts are checked against ours and the paper's (tests/test_scale.py)."""
+    from test_scale import PAPER_COUNTS, check_paper_count
+
     import importlib
 
     from dalle2_jax.stages import get_stage_class
@@ -43,6 +45,8 @@ def test_every_config_has_the_right_output_shape(variant):
             out = jax.eval_shape(lambda p, x, t, lo: stage.unet.apply(p, x, t, low_res=lo), params, x, t, lo)
             assert out.shape == (b, side, side, 3)
         assert not any("attn" in k for k in meta.unbox(params)["params"])  # convolution only
+    if variant in PAPER_COUNTS:
+        check_paper_count(variant, {"total": sum(int(np.prod(x.shape)) for x in jax.tree.leaves(meta.unbox(params)))})
 
 
 def _micro(**kw) -> UNet:
