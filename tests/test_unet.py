@@ -12,8 +12,8 @@ from dalle2_jax.models.unet import UNet
 
 
 @pytest.mark.parametrize("variant", [
-    "decoder:tiny", "decoder:base", "decoder:paper", "upsampler:tiny_64to256", "upsampler:paper_64to256",
-    "upsampler:tiny_256to1024", "upsampler:paper_256to1024",
+    "decoder:tiny", pytest.param("decoder:base", marks=pytest.mark.slow), "decoder:paper",
+    "upsampler:tiny_64to256", "upsampler:paper_64to256", "upsampler:tiny_256to1024", "upsampler:paper_256to1024",
 ])
 def test_every_config_has_the_right_output_shape(variant):
     """Built from the config through the stage, with jax.eval_shape (no memory for the paper models); the
