@@ -115,7 +115,8 @@ _NO_TRAFFIC = {"parameter", "get-tuple-element", "tuple", "bitcast", "constant",
 
 
 def _parse_hlo(hlo_text: str) -> tuple[dict[str, list[tuple]], str | None]:
-    """{computation: [(name, result type, op, operand names, attributes, raw operand text)]}, the entry's name."""
+    """{computation: [(name, result type, op, operand names, attributes, raw operand text, is ROOT)]}, and the
+    entry computation's name."""
     comps: dict[str, list[tuple]] = {}
     current, entry = None, None
     for line in hlo_text.splitlines():
@@ -131,7 +132,8 @@ def _parse_hlo(hlo_text: str) -> tuple[dict[str, list[tuple]], str | None]:
             m = _INSTR.match(line)
             if m:
                 name, rtype, op, operands, attrs = m.groups()
-                comps[current].append((name, rtype, op, re.findall(r"%([\w.\-]+)", operands), attrs, operands))
+                comps[current].append((name, rtype, op, re.findall(r"%([\w.\-]+)", operands), attrs, operands,
+                                       line.lstrip().startswith("ROOT ")))
     return comps, entry
 
 
@@ -144,10 +146,7 @@ def hlo_traffic(hlo_text: str) -> dict:
     and a fusion operand only sliced (one layer of stacked weights) counts the slice."""
     comps, entry = _parse_hlo(hlo_text)
     sizes = {c: {i[0]: _shape_bytes(i[1]) for i in instrs} for c, instrs in comps.items()}
-    roots: dict[str, tuple] = {}
-    for c, instrs in comps.items():
-        if instrs:
-            roots[c] = instrs[-1]
+    roots = {c: next((i for i in instrs if i[6]), instrs[-1]) for c, instrs in comps.items() if instrs}
 
     def fusion_bytes(callee: str, operand_bytes: list[int], result_bytes: int) -> float:
         instrs = comps.get(callee, [])
@@ -180,7 +179,7 @@ def hlo_traffic(hlo_text: str) -> dict:
             return memo.get(comp, {"hbm_bytes": 0.0, "collectives": {}})
         hbm, coll = 0.0, {}
         table = sizes.get(comp, {})
-        for name, rtype, op, operands, attrs, _ in comps.get(comp, []):
+        for name, rtype, op, operands, attrs, _, _ in comps.get(comp, []):
             base = op.replace("-start", "")
             if base in _COLLECTIVES and not op.endswith("-done"):
                 coll[base] = coll.get(base, 0.0) + _shape_bytes(rtype)
