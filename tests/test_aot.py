@@ -79,7 +79,13 @@ _HLO = """HloModule step
 }
 
 %cond.1 (p: (s32[], f32[8,128])) -> pred[] {
+  %b = s32[] constant(24)
+  %a = s32[] get-tuple-element(%p), index=0
   ROOT %lt = pred[] compare(%a, %b), direction=LT
+}
+
+%cond.2 (p: (s32[], f32[8,128])) -> pred[] {
+  ROOT %c = pred[] constant(true)
 }
 
 %add (a: f32[], b: f32[]) -> f32[] {
@@ -87,7 +93,8 @@ _HLO = """HloModule step
 }
 
 ENTRY %main (x: f32[8,128]) -> f32[8,128] {
-  %w = (s32[], f32[8,128]) while(%init), condition=%cond.1, body=%body.1, backend_config={"known_trip_count":{"n":"24"}}
+  %w = (s32[], f32[8,128]) while(%init), condition=%cond.1, body=%body.1
+  %w2 = (s32[], f32[8,128]) while(%init), condition=%cond.2, body=%body.1, backend_config={"known_trip_count":{"n":"3"}}
   %ar = f32[1000]{0} all-reduce(f32[1000]{0} %g), channel_id=2, replica_groups=[1,8]<=[8], to_apply=%add
   %rs-start = ((f32[80]{0}), f32[10]{0}) reduce-scatter-start(f32[80]{0} %h), dimensions={0}
   %rs-done = f32[10]{0} reduce-scatter-done(%rs-start)
@@ -97,8 +104,9 @@ ENTRY %main (x: f32[8,128]) -> f32[8,128] {
 
 
 def test_collective_bytes_multiply_loop_bodies_by_their_trip_count():
+    """Trip counts from XLA's known_trip_count, or (TPU HLO has none) from the loop condition `i < 24`."""
     got = collective_bytes(_HLO)
-    assert got["all-gather"] == 24 * 64 * 128 * 2
+    assert got["all-gather"] == (24 + 3) * 64 * 128 * 2
     assert got["all-reduce"] == 1000 * 4
     assert got["reduce-scatter"] == (80 + 10) * 4  # the async start's result tuple, counted once
 
