@@ -215,6 +215,10 @@ class PriorStage(FrozenClipMixin, Stage):
         self.clip_embed_dim, self.text_width, self.context_length = (
             int(c.embed_dim), int(c.text.width), int(c.text.context_length))
         self._build_prior()
+        if self.config.model.embedding_norm == "standardize" and not hasattr(self, "emb_mean"):
+            # the statistics come from the data; their values do not change the compiled step
+            self.emb_mean = np.zeros(self.clip_embed_dim, np.float32)
+            self.emb_std = np.ones(self.clip_embed_dim, np.float32)
         b, e, n = global_batch, self.clip_embed_dim, self.context_length
         tokens = jax.ShapeDtypeStruct((b, n), jnp.int32)
         if self.config.data.embeddings_dir:
