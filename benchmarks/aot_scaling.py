@@ -138,9 +138,9 @@ How to read it:
   matches XLA's bytes accessed on loop-free programs but over-counts scanned layers (about 2x on a CPU check,
   `tests/test_aot.py`); the high end uses compute and ICI alone. Both assume perfect overlap and no launch
   or straggler overhead: they rank meshes and remat policies, they are not measured throughput.
-- XLA's own FLOP count (in the JSON) is lower than the jaxpr count: it counts loop bodies once, and for the
-  UNets it is about 8x lower with no loop at all (a plain matmul or convolution compiled alone matches
-  2 x multiply-adds exactly, so the difference is in how XLA's TPU cost model counts the fused step).
+- XLA's own FLOP count (in the JSON) counts every loop body once: the layer scans, and the windowed-einsum
+  loops XLA's partitioner makes for FSDP-sharded convolutions (64->256 on v5p-64: 8x below the jaxpr count).
+  Where it makes none (256->1024 on v5p-128) it matches the jaxpr count within 1%.
 - The prior and the decoder run the frozen ViT-H/16 CLIP inside the step (the default configs). Training them
   from precomputed embeddings (`python -m dalle2_jax.tools.embed`, then `--config.data.embeddings_dir=...`)
   removes that forward pass.

@@ -400,8 +400,8 @@ def format_report(r: dict) -> str:
         f" -> {'fits' if r['fits'] else 'DOES NOT FIT'}",
         f"FLOPs per step: model (analytic) {f['model_analytic']:.3e}, executed with remat {f['hardware_analytic']:.3e}"
         f" ({f['hardware_analytic_per_device']:.3e} per device; XLA cost analysis "
-        f"{f['xla_cost_analysis_per_device']:.3e} per device: loop bodies counted once, and lower than the "
-        "jaxpr count for the UNets)",
+        f"{f['xla_cost_analysis_per_device']:.3e} per device: loop bodies (layer scans, windowed einsums) "
+        "counted once)",
         "collectives per device per step: " + ", ".join(f"{k} {v / GiB:.2f} GiB"
                                                         for k, v in sorted(r["collective_bytes_per_device"].items())),
         f"roofline: compute {rl['compute_s'] * 1e3:.1f} ms, HBM {rl['hbm_s'] * 1e3:.1f} ms "
