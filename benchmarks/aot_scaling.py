@@ -116,7 +116,8 @@ def write_scaling_md(reports: dict) -> str:
 
 Each row is the real train step of a paper config (`trainer.jit_train_step`: loss, AdamW, EMA, the shardings from
 the logical axis rules) at the paper's batch size, compiled by XLA for the TPU slice from a CPU machine with
-libtpu's topology description ({versions}). Produced by `python benchmarks/aot_scaling.py`, which runs
+libtpu's topology description ({versions}), on the project's 2-core, 24 GiB CPU box.
+Produced by `python benchmarks/aot_scaling.py`, which runs
 `launch/aot_compile.py` per stage; the JSON reports are in `benchmarks/results/aot/`.
 
 {HEADER}
