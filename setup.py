@@ -35,7 +35,11 @@ setup(
     install_requires=INSTALL_REQUIRES,
     package_data={"dalle2_jax": ["assets/*"]},  # CLIP's BPE merges and their MIT notice
     extras_require={
-        "test": ["pytest>=8", "ruff>=0.6"],
+        # gs:// paths: gcsfs is etils.epath's fsspec backend; orbax's arrays (tensorstore) and grain's reads
+        # (array_record) use their own GCS clients.
+        "gcs": ["gcsfs>=2024.2"],
+        # the remote-path tests run every GCS client against a local emulator (tests/fake_gcs.py)
+        "test": ["pytest>=8", "ruff>=0.6", "gcsfs>=2024.2", "gcp-storage-emulator>=2024.8"],
         "tpu": ["jax[tpu]>=0.10.2"],
         "cuda": ["jax[cuda12]>=0.10.2"],
     },

@@ -112,6 +112,8 @@ def write_scaling_md(reports: dict) -> str:
     misfit_text = ("\nChecked and rejected by the tool (exit 1):\n" + "\n".join(misfits) + "\n") if misfits else ""
 
     versions = f"jax {md.version('jax')}, libtpu {md.version('libtpu')}"
+    compile_times = ", ".join(f"{key} {reports[key]['compile_s'] / 60:.1f} min" for key, *_ in STAGES
+                              if key in reports)
     text = f"""# Scaling: the paper's stages on TPU slices (ahead-of-time compiled)
 
 Each row is the real train step of a paper config (`trainer.jit_train_step`: loss, AdamW, EMA, the shardings from
@@ -145,6 +147,11 @@ How to read it:
 - The prior and the decoder run the frozen ViT-H/16 CLIP inside the step (the default configs). Training them
   from precomputed embeddings (`python -m dalle2_jax.tools.embed`, then `--config.data.embeddings_dir=...`)
   removes that forward pass.
+- **Compile time** of each step on the 2-core box:
+  {compile_times}.
+  The UNets are unrolled (their blocks differ), so they take longest. The decoder's caption transformer is
+  scanned (`model.caption_scan_layers`): unrolled, its compile was killed at 24.1 GB on the 24 GiB box;
+  scanned, it peaked at 22.1 GB resident (`/usr/bin/time -v`, with a swap file enabled).
 
 Commands:
 ```

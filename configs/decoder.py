@@ -56,6 +56,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     m.caption_depth = 1
     m.caption_heads = 2
     m.caption_context_length = 0
+    m.caption_scan_layers = False  # scan over the caption blocks: one compiled block (faster compiles)
     # The CLIP's sizes, used only to count params without a CLIP workdir (tools.params); training reads
     # them from config.clip_workdir. These match configs/clip.py:tiny.
     m.clip_embed_dim = 128
@@ -115,6 +116,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         m.channels, m.num_res_blocks, m.channel_mult = 512, 3, (1, 2, 3, 4)
         m.attention_resolutions, m.head_channels = (32, 16, 8), 64
         m.caption_width, m.caption_depth, m.caption_heads, m.caption_context_length = 2048, 24, 32, 256
+        m.caption_scan_layers = True
         m.dtype = "bfloat16"
         m.remat = "full"
         m.clip_embed_dim, m.clip_vocab_size, m.clip_context_length = 1024, 49408, 77  # configs/clip.py:paper

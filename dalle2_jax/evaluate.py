@@ -7,7 +7,6 @@ Prints the metrics as one JSON object on the last line of stdout, and writes the
 from __future__ import annotations
 
 import json
-import os
 
 from absl import flags
 
@@ -37,12 +36,13 @@ def evaluate_workdir(workdir: str, step: int | None = None, raw_params: bool = F
 
     from dalle2_jax.data import pipeline
     from dalle2_jax.stages import get_stage_class
+    from dalle2_jax import fileio
     from dalle2_jax.training import checkpoint as ckpt
     from dalle2_jax.training.metrics import MetricWriter
     from dalle2_jax.training.partitioning import make_mesh
     from dalle2_jax.training.trainer import evaluate_and_report
 
-    workdir = os.path.abspath(workdir)
+    workdir = fileio.resolve(workdir)
     config = ckpt.read_config(workdir)
     config.mesh.update(dict(data=-1, fsdp=1, tensor=1))  # evaluation shards the batch over every device
     if max_examples is not None:
@@ -66,7 +66,7 @@ def evaluate_workdir(workdir: str, step: int | None = None, raw_params: bool = F
 
     run = _Run()
     run.stage, run.mesh, run.workdir = stage, mesh, workdir
-    writer = MetricWriter(os.path.join(workdir, "tensorboard")) if jax.process_index() == 0 else None
+    writer = MetricWriter(fileio.join(workdir, "tensorboard")) if jax.process_index() == 0 else None
     result = evaluate_and_report(run, params, info["step"], info["params"], writer)
     if writer is not None:
         writer.close()

@@ -23,6 +23,7 @@ from typing import Any
 
 from absl import flags
 
+from dalle2_jax import fileio
 from dalle2_jax.cli_util import exit_on_errors, run_program
 
 METHODS = {
@@ -121,22 +122,22 @@ def _show_mask(image, regen):
 
 
 def write_outputs(out_dir: str, output, grid_rows: list, extra: dict) -> list[str]:
-    """grid.png, 000.png... and settings.json in out_dir; returns the image paths."""
-    from PIL import Image
+    """grid.png, 000.png... and settings.json in out_dir (a local path or a URI); returns the image paths."""
+    from dalle2_jax import fileio
+    from dalle2_jax.images import save_png
 
-    os.makedirs(out_dir, exist_ok=True)
+    out_dir = fileio.resolve(out_dir)
     paths = []
     for i, img in enumerate(output.images):
-        p = os.path.join(out_dir, f"{i:03d}.png")
-        Image.fromarray(img).save(p)
+        p = fileio.join(out_dir, f"{i:03d}.png")
+        save_png(p, img)
         paths.append(p)
-    Image.fromarray(_grid(grid_rows)).save(os.path.join(out_dir, "grid.png"))
+    save_png(fileio.join(out_dir, "grid.png"), _grid(grid_rows))
     settings = dict(output.settings)
     settings.update(extra)
     settings.update(timings_seconds=output.timings, warnings=output.warnings,
                     files=[os.path.basename(p) for p in paths], resolution=int(output.images.shape[1]))
-    with open(os.path.join(out_dir, "settings.json"), "w") as f:
-        json.dump(settings, f, indent=2, default=str)
+    fileio.write_text(fileio.join(out_dir, "settings.json"), json.dumps(settings, indent=2, default=str))
     return paths
 
 
@@ -195,7 +196,7 @@ def run_method(method: str, fv: flags.FlagValues, args: list[str]) -> str:
     paths = write_outputs(fv.out, out, rows, extra)
     total = sum(out.timings.values())
     print(f"wrote {len(paths)} images ({out.images.shape[1]}x{out.images.shape[2]}), grid.png and settings.json "
-          f"to {os.path.abspath(fv.out)} in {total:.1f}s", flush=True)
+          f"to {fileio.resolve(fv.out)} in {total:.1f}s", flush=True)
     return fv.out
 
 

@@ -32,12 +32,29 @@ def load_image(source: Any, what: str = "image") -> np.ndarray:
     if isinstance(source, Image.Image):
         return np.asarray(source.convert("RGB"))
     try:
+        from dalle2_jax import fileio
+
+        if isinstance(source, str) and fileio.is_remote(source):
+            import io
+
+            source = io.BytesIO(fileio.read_bytes(source))
         with Image.open(source) as im:
             return np.asarray(im.convert("RGB"))
     except FileNotFoundError:
         raise InputError(f"{what} {source!r}: no such file") from None
     except (UnidentifiedImageError, OSError, ValueError) as e:
         raise InputError(f"{what} {source!r} is not a readable image ({type(e).__name__})") from None
+
+
+def save_png(path: str, image: np.ndarray) -> None:
+    """Writes a uint8 [H, W, 3] image as a PNG at `path` (local or remote), creating the directory."""
+    import io
+
+    from dalle2_jax import fileio
+
+    buf = io.BytesIO()
+    Image.fromarray(np.asarray(image, np.uint8)).save(buf, format="PNG")
+    fileio.write_bytes(path, buf.getvalue())
 
 
 def to_pil_rgb(image: Image.Image | np.ndarray) -> Image.Image:

@@ -15,12 +15,12 @@ from __future__ import annotations
 import functools
 import gzip
 import html
-import json
 import os
-import shutil
 from typing import Iterable, Sequence
 
 import numpy as np
+
+from dalle2_jax import fileio
 
 META_FILE = "tokenizer_meta.json"
 PAD, SOT, EOT = "<|pad|>", "<|startoftext|>", "<|endoftext|>"
@@ -75,18 +75,16 @@ class BpeTokenizer:
 
     def save(self, directory: str) -> None:
         """Writes tokenizer.json and tokenizer_meta.json into `directory`."""
-        os.makedirs(directory, exist_ok=True)
-        self._tok.save(os.path.join(directory, "tokenizer.json"))
+        fileio.write_text(fileio.join(directory, "tokenizer.json"), self._tok.to_str(pretty=True))
         meta = dict(kind=self.kind, file="tokenizer.json", context_length=self.context_length,
                     vocab_size=self.vocab_size, pad_id=self.pad_id, sot_id=self.sot_id, eot_id=self.eot_id)
-        with open(os.path.join(directory, META_FILE), "w") as f:
-            json.dump(meta, f, indent=2)
+        fileio.write_json(fileio.join(directory, META_FILE), meta)
 
     @classmethod
     def load(cls, directory: str, meta: dict) -> "BpeTokenizer":
         from tokenizers import Tokenizer
 
-        return cls(Tokenizer.from_file(os.path.join(directory, meta["file"])), meta["context_length"])
+        return cls(Tokenizer.from_str(fileio.read_text(fileio.join(directory, meta["file"]))), meta["context_length"])
 
 
 CLIP_BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
@@ -130,8 +128,7 @@ class ClipBpeTokenizer:
         import regex
 
         self.bpe_path = bpe_path or default_clip_bpe_path()
-        with gzip.open(self.bpe_path, "rt", encoding="utf-8") as f:
-            lines = f.read().split("\n")[1: CLIP_NUM_MERGES + 1]
+        lines = gzip.decompress(fileio.read_bytes(self.bpe_path)).decode("utf-8").split("\n")[1: CLIP_NUM_MERGES + 1]
         merges = [tuple(line.split()) for line in lines]
         symbols = list(_byte_symbols().values())
         vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges] + list(self.special_tokens)
@@ -210,18 +207,16 @@ class ClipBpeTokenizer:
 
     def save(self, directory: str) -> None:
         """Copies the merges file into `directory` and writes tokenizer_meta.json."""
-        os.makedirs(directory, exist_ok=True)
-        dst = os.path.join(directory, CLIP_BPE_FILE)
-        if os.path.abspath(self.bpe_path) != os.path.abspath(dst):
-            shutil.copyfile(self.bpe_path, dst)
+        dst = fileio.join(directory, CLIP_BPE_FILE)
+        if fileio.resolve(self.bpe_path) != fileio.resolve(dst):
+            fileio.copy_file(self.bpe_path, dst)
         meta = dict(kind=self.kind, file=CLIP_BPE_FILE, context_length=self.context_length,
                     vocab_size=self.vocab_size, pad_id=self.pad_id, sot_id=self.sot_id, eot_id=self.eot_id)
-        with open(os.path.join(directory, META_FILE), "w") as f:
-            json.dump(meta, f, indent=2)
+        fileio.write_json(fileio.join(directory, META_FILE), meta)
 
     @classmethod
     def load(cls, directory: str, meta: dict) -> "ClipBpeTokenizer":
-        return cls(os.path.join(directory, meta["file"]), meta["context_length"])
+        return cls(fileio.join(directory, meta["file"]), meta["context_length"])
 
 
 TOKENIZER_KINDS = {"bpe": BpeTokenizer, "clip_bpe": ClipBpeTokenizer}
@@ -229,11 +224,10 @@ TOKENIZER_KINDS = {"bpe": BpeTokenizer, "clip_bpe": ClipBpeTokenizer}
 
 def load_tokenizer(directory: str):
     """Loads the tokenizer saved in `directory` (a workdir's `tokenizer/`), whatever its kind."""
-    path = os.path.join(directory, META_FILE)
-    if not os.path.exists(path):
+    path = fileio.join(directory, META_FILE)
+    if not fileio.exists(path):
         raise FileNotFoundError(f"no tokenizer in {directory!r} (missing {META_FILE})")
-    with open(path) as f:
-        meta = json.load(f)
+    meta = fileio.read_json(path)
     if meta.get("kind") not in TOKENIZER_KINDS:
         raise ValueError(f"{path}: unknown tokenizer kind {meta.get('kind')!r}; known: {sorted(TOKENIZER_KINDS)}")
     return TOKENIZER_KINDS[meta["kind"]].load(directory, meta)

@@ -2,15 +2,15 @@
 # Train a stage on a Cloud TPU pod slice.
 #
 #   launch/tpu_pod.sh NAME ZONE ACCELERATOR CONFIG WORKDIR [train flags ...]
-#   launch/tpu_pod.sh dalle2-decoder us-east5-a v5p-128 configs/decoder.py:paper /mnt/shared/runs/decoder \
-#       --config.clip_workdir=/mnt/shared/runs/clip --config.data.name=my_pairs --config.data.data_dir=/mnt/shared/tfds
+#   launch/tpu_pod.sh dalle2-decoder us-east5-a v5p-128 configs/decoder.py:paper gs://BUCKET/runs/decoder \
+#       --config.clip_workdir=gs://BUCKET/runs/clip --config.data.name=my_pairs --config.data.data_dir=gs://BUCKET/tfds
 #
 # 1. creates the TPU VMs if NAME does not exist (TPU_VERSION picks the software image),
 # 2. copies this checkout (git archive of HEAD) to every worker and installs it with jax[tpu] in ~/dalle2-venv,
 # 3. starts the same train command on every worker (--worker=all) in the background: JAX finds the other hosts
 #    through the TPU metadata (--distributed), each host reads its part of every global batch, orbax writes the
-#    checkpoints from all hosts to WORKDIR, which every worker must reach (a shared mount such as Filestore;
-#    gs:// workdirs are not supported yet), process 0 logs,
+#    checkpoints from all hosts to WORKDIR, which every worker must reach (a gs:// path, with the TPU VMs'
+#    service account, or a shared mount such as Filestore), process 0 logs,
 # 4. points JAX's persistent compilation cache at JAX_CACHE (default: next to WORKDIR), so a restart or a
 #    preempted slice skips the compile.
 # Logs: gcloud compute tpus tpu-vm ssh NAME --zone ZONE --worker=0 --command 'tail -f ~/dalle2-train.log'
@@ -47,7 +47,7 @@ gcloud compute tpus tpu-vm ssh "$NAME" --zone "$ZONE" --worker=all --command "se
   rm -rf ~/dalle2-jax && mkdir -p ~/dalle2-jax && tar -xzf ~/dalle2-jax.tar.gz -C ~/dalle2-jax
   python3 -m venv ~/dalle2-venv
   ~/dalle2-venv/bin/pip install -q -U pip
-  ~/dalle2-venv/bin/pip install -q 'jax[tpu]==0.10.2' -e ~/dalle2-jax"
+  ~/dalle2-venv/bin/pip install -q 'jax[tpu]==0.10.2' -e ~/dalle2-jax[gcs]"
 
 # One process per host; --distributed: jax.distributed.initialize() reads the slice from the TPU metadata.
 printf -v EXTRA '%q ' "$@"

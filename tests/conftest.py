@@ -232,3 +232,13 @@ def fixed_batch_losses(cfg, workdir: str) -> tuple[list[float], dict]:
         state, metrics = step(state, batch)
         losses.append(float(metrics["loss"]))
     return losses, metrics
+
+
+@pytest.fixture(scope="session")
+def gcs_bucket() -> str:
+    """gs://bkt on a local GCS emulator (tests/fake_gcs.py), one per session: tensorstore reads its
+    endpoint once per process."""
+    from fake_gcs import fake_gcs
+
+    with fake_gcs("bkt"):
+        yield "gs://bkt"

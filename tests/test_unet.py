@@ -123,6 +123,25 @@ def test_attention_layers_read_the_context_tokens():
     np.testing.assert_allclose(a, b, atol=1e-5)
 
 
+def test_scanned_caption_transformer_matches_the_unrolled_one():
+    """caption_scan_layers (the paper config's compile-time switch) stacks the caption blocks on a leading
+    axis: the same params, restacked, give the same token states; the UNet passes the switch down."""
+    from dalle2_jax.models.unet import CaptionTransformer
+
+    tokens = jax.random.randint(jax.random.key(5), (2, 6), 0, 20)
+    plain, scanned = (CaptionTransformer(20, 6, 16, 2, 2, scan_layers=s) for s in (False, True))
+    params = meta.unbox(plain.init(jax.random.key(0), tokens))
+    tr = params["params"]["transformer"]
+    restacked = {"params": {**params["params"], "transformer": {
+        "blocks": jax.tree.map(lambda *xs: jnp.stack(xs), tr["block_0"], tr["block_1"])}}}
+    abstract = jax.eval_shape(lambda k: meta.unbox(scanned.init(k, tokens)), jax.random.key(0))
+    assert jax.tree.structure(abstract) == jax.tree.structure(restacked)
+    np.testing.assert_allclose(scanned.apply(restacked, tokens), plain.apply(params, tokens), atol=1e-5)
+    unet = jax.eval_shape(lambda k: meta.unbox(_micro(caption_depth=2, caption_scan_layers=True).init(k, **_inputs())),
+                          jax.random.key(0))
+    assert jax.tree.structure(unet["params"]["caption"]) == jax.tree.structure(abstract["params"])
+
+
 @pytest.mark.slow
 def test_remat_keeps_params_outputs_and_gradients():
     inputs = _inputs()

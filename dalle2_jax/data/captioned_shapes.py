@@ -173,15 +173,17 @@ def prepare_captioned_shapes(data_dir: str | os.PathLike, config_name: str = '64
     Returns the prepared builder: read it with `builder.as_data_source('train')` or
     `tfds.data_source(f'captioned_shapes/{builder.builder_config.name}', data_dir=data_dir, split=...)`.
     """
-    builder = make_builder(data_dir, config_name, num_train, num_test, seed=seed, num_workers=num_workers)
+    from dalle2_jax.data import staging
+
+    def make(d):
+        return make_builder(d, config_name, num_train, num_test, seed=seed, num_workers=num_workers)
+
+    builder = make(data_dir)
     cfg = builder.builder_config
     start = time.perf_counter()
     already = builder.is_prepared()
-    if not already:
-        builder.download_and_prepare(
-            file_format='array_record',
-            download_dir=os.path.join(os.fspath(data_dir), 'downloads'),
-            download_config=tfds.download.DownloadConfig(compute_stats=tfds.download.ComputeStatsMode.SKIP))
+    if not already:  # a gs:// data dir is built locally and copied up (staging)
+        builder = staging.download_and_prepare(builder, data_dir, make)
     what = 'found' if already else 'built'
     print(f'{NAME}/{cfg.name}: {what} {cfg.num_train} train + {cfg.num_test} test examples '
           f'in {time.perf_counter() - start:.1f}s at {builder.data_dir}', flush=True)

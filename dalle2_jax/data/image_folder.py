@@ -272,10 +272,11 @@ def prepare_image_folder(folder: str | os.PathLike, data_dir: str | os.PathLike,
         builder.build_report = report
         what = 'found'
     else:
-        builder.download_and_prepare(
-            file_format='array_record', download_dir=os.path.join(os.fspath(data_dir), 'downloads'),
-            download_config=tfds.download.DownloadConfig(compute_stats=tfds.download.ComputeStatsMode.SKIP))
-        report = builder.build_report
+        from dalle2_jax.data import staging
+
+        builder = staging.download_and_prepare(
+            builder, data_dir, lambda d: make_builder(folder, d, name, test_fraction, max_side))
+        report = builder.build_report = read_build_report(builder)
         what = 'built'
     counts = ', '.join(f'{k} {v}' for k, v in report['skipped_counts'].items()) or 'none'
     examples = ', '.join(f'{k} {v}' for k, v in report['examples'].items())

@@ -31,6 +31,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -38,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dalle2_jax import fileio
 from dalle2_jax.inference.errors import BundleError, InputError  # noqa: F401 (re-exported)
 
 logger = logging.getLogger("dalle2_jax.inference")
@@ -53,7 +55,7 @@ DTYPES = ("float32", "bfloat16")
 # --- helpers ---------------------------------------------------------------------------------------------
 def sha256_file(path: str) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with fileio.path(path).open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
@@ -61,13 +63,8 @@ def sha256_file(path: str) -> str:
 
 def hash_tree(root: str, directory: str) -> dict[str, str]:
     """{path relative to root: sha256} for every file under root/directory (sorted)."""
-    out = {}
-    base = os.path.join(root, directory)
-    for dirpath, _, files in sorted(os.walk(base)):
-        for name in sorted(files):
-            full = os.path.join(dirpath, name)
-            out[os.path.relpath(full, root)] = sha256_file(full)
-    return out
+    return {f"{directory}/{rel}": sha256_file(fileio.join(root, directory, rel))
+            for rel in fileio.walk_files(fileio.join(root, directory))}
 
 
 def _shape_tree(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -198,7 +195,9 @@ def export_bundle(out: str, clip: str, decoder: str, prior: str | None = None, u
                   dtype: str = "float32", overwrite: bool = False, raw_params: bool = False,
                   log: Callable[[str], None] = logger.info) -> dict:
     """Writes a bundle of the given training workdirs (newest checkpoints, EMA params) to `out`; returns the
-    manifest. Raises BundleError if a workdir is missing or of the wrong stage, or the stages do not fit."""
+    manifest. `out` and the workdirs may be URIs (gs://...): a remote bundle is written locally, then copied
+    up with its manifest last, so a reader never takes a half-copied one for a bundle. Raises BundleError if
+    a workdir is missing or of the wrong stage, or the stages do not fit."""
     from dalle2_jax.stages.base import TOKENIZER_DIR
     from dalle2_jax.training import checkpoint as ckpt
     from dalle2_jax.training.config import config_to_json
@@ -209,7 +208,7 @@ def export_bundle(out: str, clip: str, decoder: str, prior: str | None = None, u
     sources += [("upsampler", u) for u in upsamplers]
     configs = []
     for kind, workdir in sources:
-        if not os.path.isdir(workdir):
+        if not fileio.isdir(workdir):
             raise BundleError(f"--{kind} {workdir!r}: no such directory")
         try:
             cfg = ckpt.read_config(workdir)
@@ -218,15 +217,20 @@ def export_bundle(out: str, clip: str, decoder: str, prior: str | None = None, u
         if cfg.stage != kind:
             raise BundleError(f"--{kind} {workdir!r} is a {cfg.stage!r} workdir, not a {kind!r} one")
         configs.append(cfg)
-    if os.path.exists(out):
+    out = fileio.resolve(out)
+    if fileio.exists(out):
         if not overwrite:
             raise BundleError(f"{out!r} exists; pass --overwrite to replace it")
-        if not os.path.exists(os.path.join(out, MANIFEST)) and os.listdir(out):
+        if not fileio.exists(fileio.join(out, MANIFEST)) and fileio.listdir(out):
             raise BundleError(f"{out!r} exists and is not a bundle; refusing to overwrite it")
-        shutil.rmtree(out)
-    tmp = out.rstrip("/") + ".partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
+        fileio.remove_tree(out)
+    remote = fileio.is_remote(out)
+    if remote:
+        tmp = tempfile.mkdtemp(prefix="dalle2_jax_bundle_")
+    else:
+        tmp = out + ".partial"
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
     clip_dir = os.path.join(tmp, "clip")
     entries, names = [], []
     try:
@@ -237,17 +241,17 @@ def export_bundle(out: str, clip: str, decoder: str, prior: str | None = None, u
             os.makedirs(sdir)
             trained_clip = None
             if kind == "clip":
-                shutil.copytree(os.path.join(workdir, TOKENIZER_DIR), os.path.join(sdir, TOKENIZER_DIR))
+                fileio.copy_tree(fileio.join(workdir, TOKENIZER_DIR), os.path.join(sdir, TOKENIZER_DIR))
             if kind in ("prior", "decoder"):
                 cw = cfg.clip_workdir
-                if cw and os.path.exists(os.path.join(cw, "config.json")):
+                if cw and fileio.exists(fileio.join(cw, "config.json")):
                     trained_clip = ckpt.read_config(cw).model
-                    if os.path.realpath(cw) != os.path.realpath(clip):
+                    if _same_place(cw) != _same_place(clip):
                         log(f"warning: {name} was trained with the CLIP in {cw!r}, bundled with {clip!r}")
                 else:
                     log(f"warning: {name}'s training CLIP {cw!r} is gone; checking it against --clip by shapes only")
-                if kind == "prior" and os.path.isdir(os.path.join(workdir, "stats")):
-                    shutil.copytree(os.path.join(workdir, "stats"), os.path.join(sdir, "stats"))
+                if kind == "prior" and fileio.isdir(fileio.join(workdir, "stats")):
+                    fileio.copy_tree(fileio.join(workdir, "stats"), os.path.join(sdir, "stats"))
             saved = cfg.copy_and_resolve_references()
             if kind in ("prior", "decoder"):
                 saved.clip_workdir = ""  # the bundle's CLIP: see the manifest
@@ -273,7 +277,7 @@ def export_bundle(out: str, clip: str, decoder: str, prior: str | None = None, u
                 "models": {"main": {"params": f"{name}/params", "dtype": dtype,
                                     "num_params": int(sum(np.prod(s) for s, _ in expected.values())),
                                     "files": hash_tree(tmp, os.path.join(name, "params")),
-                                    "source": {"workdir": os.path.abspath(workdir), "step": info["step"],
+                                    "source": {"workdir": fileio.resolve(workdir), "step": info["step"],
                                                "params": info["params"]}}},
             }
             entries.append(entry)
@@ -288,11 +292,21 @@ def export_bundle(out: str, clip: str, decoder: str, prior: str | None = None, u
                     "dalle2_jax_version": __version__, "tokenizer": f"clip/{TOKENIZER_DIR}", "stages": entries}
         with open(os.path.join(tmp, MANIFEST), "w") as f:
             json.dump(manifest, f, indent=2)
-        os.replace(tmp, out)
+        if remote:
+            log(f"copying the bundle to {out}")
+            fileio.copy_tree(tmp, out, last=(MANIFEST,))
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return manifest
+
+
+def _same_place(path: str) -> str:
+    """A URI as is; a local path with its symlinks resolved (to compare two workdir paths)."""
+    return fileio.resolve(path) if fileio.is_remote(path) else os.path.realpath(path)
 
 
 def _save_params(path: str, params: Any) -> None:
@@ -329,14 +343,13 @@ class Bundle:
 
 def read_manifest(path: str) -> dict:
     """The checked manifest of the bundle at `path` (BundleError if missing or not a known schema)."""
-    if not os.path.isdir(path):
+    if not fileio.isdir(path):
         raise BundleError(f"no bundle at {path!r} (no such directory); make one with `dalle2-jax export`")
-    mpath = os.path.join(path, MANIFEST)
-    if not os.path.exists(mpath):
+    mpath = fileio.join(path, MANIFEST)
+    if not fileio.exists(mpath):
         raise BundleError(f"{path!r} is not a bundle: {MANIFEST} is missing")
     try:
-        with open(mpath) as f:
-            manifest = json.load(f)
+        manifest = fileio.read_json(mpath)
     except (OSError, json.JSONDecodeError) as e:
         raise BundleError(f"{mpath}: unreadable manifest ({e})") from None
     if manifest.get("format") != FORMAT:
@@ -360,8 +373,8 @@ def verify_files(path: str, manifest: dict, hashes: bool = True) -> None:
                                   f"dalle2-jax cannot run (known roles: {KNOWN_ROLES})")
             files.update(model["files"])
         for rel, digest in files.items():
-            full = os.path.join(path, rel)
-            if not os.path.exists(full):
+            full = fileio.join(path, rel)
+            if not fileio.exists(full):
                 raise BundleError(f"incomplete bundle: stage {s['name']!r} misses {rel}")
             if hashes and digest and sha256_file(full) != digest:
                 raise BundleError(f"damaged bundle: {rel} does not match its sha256 in the manifest")
@@ -374,22 +387,21 @@ def load_bundle(path: str, verify_hashes: bool = True, device: Any = None, mesh:
 
     from dalle2_jax.training.config import config_from_json
 
-    path = os.path.abspath(path)
+    path = fileio.resolve(path)
     manifest = read_manifest(path)
     verify_files(path, manifest, hashes=verify_hashes)
     problems = check_cascade(manifest["stages"])
     if problems:
         raise BundleError("the bundle's stages do not fit together: " + "; ".join(problems))
-    clip_dir = os.path.join(path, manifest["stages"][0]["dir"])
+    clip_dir = fileio.join(path, manifest["stages"][0]["dir"])
     if mesh is not None:
         sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     else:
         sharding = jax.sharding.SingleDeviceSharding(device or jax.devices()[0])
     loaded = []
     for s in manifest["stages"]:
-        with open(os.path.join(path, s["config"])) as f:
-            config = config_from_json(f.read())
-        stage = build_stage(s["kind"], config, os.path.join(path, s["dir"]), clip_dir)
+        config = config_from_json(fileio.read_text(fileio.join(path, s["config"])))
+        stage = build_stage(s["kind"], config, fileio.join(path, s["dir"]), clip_dir)
         actual = interface(s["kind"], stage)
         for key, value in s["interface"].items():
             if key in actual and actual[key] != value:
@@ -398,7 +410,7 @@ def load_bundle(path: str, verify_hashes: bool = True, device: Any = None, mesh:
         model = s["models"]["main"]
         abstract = abstract_params(stage)
         ck = ocp.StandardCheckpointer()
-        params_dir = os.path.join(path, model["params"])
+        params_dir = fileio.path(fileio.join(path, model["params"]))
         try:
             stored = ck.metadata(params_dir).item_metadata.tree
         except Exception as e:  # noqa: BLE001 - orbax raises several kinds for a damaged directory

@@ -169,6 +169,7 @@ class CaptionTransformer(nn.Module):
     heads: int
     pad_id: int = 0
     remat: str = "none"
+    scan_layers: bool = False
     dtype: Dtype = jnp.float32
 
     @nn.compact
@@ -180,8 +181,8 @@ class CaptionTransformer(nn.Module):
         pos = self.param("positional_embedding", init, (self.context_length, self.width), jnp.float32)
         pad = self.param("padding_embedding", init, (self.context_length, self.width), jnp.float32)
         x = jnp.where((tokens == self.pad_id)[..., None], pad[None].astype(self.dtype), emb) + pos.astype(self.dtype)
-        x = Transformer(self.depth, self.heads, act="gelu", causal=True, remat=self.remat, dtype=self.dtype,
-                        name="transformer")(x)
+        x = Transformer(self.depth, self.heads, act="gelu", causal=True, remat=self.remat,
+                        scan_layers=self.scan_layers, dtype=self.dtype, name="transformer")(x)
         return LayerNorm(dtype=self.dtype, name="final_norm")(x)
 
 
@@ -218,6 +219,7 @@ class UNet(nn.Module):
     caption_depth: int = 0
     caption_heads: int = 1
     caption_pad_id: int = 0
+    caption_scan_layers: bool = False  # stack the caption blocks on a `layers` axis (one compiled block)
     low_res: bool = False
     low_res_upsample: str = "bicubic"
     noise_level_cond: bool = False
@@ -271,7 +273,8 @@ class UNet(nn.Module):
                 tokens = jnp.where(drop_text[:, None], self.caption_pad_id, tokens)
             states = CaptionTransformer(self.caption_vocab_size, self.caption_context_length, self.caption_width,
                                         self.caption_depth, self.caption_heads, pad_id=self.caption_pad_id,
-                                        remat=self.remat, dtype=self.dtype, name="caption")(tokens)
+                                        remat=self.remat, scan_layers=self.caption_scan_layers,
+                                        dtype=self.dtype, name="caption")(tokens)
             emb = emb + Dense(ted, axes=("embed", "mlp"), dtype=self.dtype, name="caption_to_time")(states[:, -1])
             context.append(states)
         ctx = jnp.concatenate(context, axis=1) if context else None

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-import os
-import shutil
-
 import grain
 import jax
 
+from dalle2_jax import fileio
+from dalle2_jax.text import META_FILE as TOKENIZER_META
 from dalle2_jax.training.config import ConfigError
 
 TOKENIZER_DIR = "tokenizer"
@@ -81,7 +80,7 @@ def validate_clip_workdir(config) -> None:
     """config.clip_workdir must name a CLIP workdir (trained or imported); raises ConfigError."""
     if not config.clip_workdir:
         raise ConfigError("clip_workdir", "is empty; point it at a trained or imported CLIP workdir")
-    if not os.path.exists(os.path.join(config.clip_workdir, "config.json")):
+    if not fileio.exists(fileio.join(config.clip_workdir, "config.json")):
         raise ConfigError("clip_workdir", f"{config.clip_workdir!r} is not a CLIP workdir (no config.json); "
                           "train one with configs/clip.py first")
 
@@ -105,11 +104,16 @@ class FrozenClipMixin:
     _frozen = None
 
     def copy_clip_tokenizer(self) -> None:
-        """Copies the CLIP's tokenizer into this workdir (process 0), so the workdir records what it used."""
-        src = os.path.join(self.config.clip_workdir, TOKENIZER_DIR)
-        dst = os.path.join(self.workdir, TOKENIZER_DIR)
-        if not os.path.exists(dst) and jax.process_index() == 0:
-            shutil.copytree(src, dst)
+        """Copies the CLIP's tokenizer into this workdir (process 0, then every process waits), so the
+        workdir records what it used; the input pipeline reads it from there."""
+        src = fileio.join(self.config.clip_workdir, TOKENIZER_DIR)
+        dst = fileio.join(self.workdir, TOKENIZER_DIR)
+        if jax.process_index() == 0 and not fileio.exists(fileio.join(dst, TOKENIZER_META)):
+            fileio.copy_tree(src, dst, last=(TOKENIZER_META,))
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("clip_tokenizer")
 
     def clip_text(self, clip_params: Any, tokens: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """tokens [B, L] -> (unit text embedding [B, E], token states [B, L, W], valid mask [B, L]) of the

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import os
 from typing import Any
 
 import jax
@@ -11,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
+from dalle2_jax import fileio
 from dalle2_jax.data import pipeline
 from dalle2_jax.models.clip import build_clip, init_clip
 from dalle2_jax.models.layers import ACTIVATIONS
@@ -100,9 +100,9 @@ class ClipStage(Stage):
         """Builds the built-in data set if needed, and trains (first run) or loads the tokenizer (CLIP's
         own BPE is written from the packaged merges file instead of trained)."""
         pipeline.prepare_dataset(self.config.data)
-        tok_dir = os.path.join(self.workdir, TOKENIZER_DIR)
+        tok_dir = fileio.join(self.workdir, TOKENIZER_DIR)
         t = self.config.model.text
-        if not os.path.exists(os.path.join(tok_dir, "tokenizer_meta.json")):
+        if not fileio.exists(fileio.join(tok_dir, "tokenizer_meta.json")):
             if jax.process_index() == 0:
                 if t.get("tokenizer", "bpe") == "clip_bpe":
                     tok = ClipBpeTokenizer(context_length=t.context_length)
@@ -118,7 +118,7 @@ class ClipStage(Stage):
 
     def setup_model(self) -> None:
         """Loads the saved tokenizer and builds the model (needs the tokenizer's EOT id)."""
-        self.tokenizer = load_tokenizer(os.path.join(self.workdir, TOKENIZER_DIR))
+        self.tokenizer = load_tokenizer(fileio.join(self.workdir, TOKENIZER_DIR))
         if self.tokenizer.vocab_size > self.config.model.text.vocab_size:
             raise ConfigError("model.text.vocab_size", f"{self.config.model.text.vocab_size} is smaller than the "
                               f"saved tokenizer's {self.tokenizer.vocab_size} tokens")
@@ -142,7 +142,7 @@ class ClipStage(Stage):
 
     def train_iterator(self, local_batch_size: int, process_index: int, process_count: int):
         return pipeline.image_text_pipeline(
-            self.config.data, self.config.data.train_split, tokenizer_dir=os.path.join(self.workdir, TOKENIZER_DIR),
+            self.config.data, self.config.data.train_split, tokenizer_dir=fileio.join(self.workdir, TOKENIZER_DIR),
             local_batch_size=local_batch_size, seed=self.config.seed, process_index=process_index,
             process_count=process_count)
 

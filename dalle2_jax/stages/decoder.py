@@ -12,7 +12,6 @@ samples images from test-image embeddings and scores them with the frozen CLIP.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import grain
@@ -20,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dalle2_jax import diffusion as D
+from dalle2_jax import diffusion as D, fileio
 from dalle2_jax.data import pipeline
 from dalle2_jax.images import resize_square
 from dalle2_jax.models.clip import build_clip
@@ -97,9 +96,9 @@ class DecoderStage(FrozenClipMixin, ImageDiffusionStage):
         from dalle2_jax.training.checkpoint import read_config
 
         m = self.config.model
-        if self.config.clip_workdir and os.path.exists(os.path.join(self.config.clip_workdir, "config.json")):
+        if self.config.clip_workdir and fileio.exists(fileio.join(self.config.clip_workdir, "config.json")):
             clip_cfg = read_config(self.config.clip_workdir)
-            self.tokenizer = load_tokenizer(os.path.join(self.config.clip_workdir, TOKENIZER_DIR))
+            self.tokenizer = load_tokenizer(fileio.join(self.config.clip_workdir, TOKENIZER_DIR))
             self.clip = build_clip(clip_cfg.model, self.tokenizer.eot_id)
             dims = (clip_cfg.model.embed_dim, self.tokenizer.vocab_size, clip_cfg.model.text.context_length)
             self.clip_resolution = int(clip_cfg.model.vision.image_size)
@@ -117,7 +116,7 @@ class DecoderStage(FrozenClipMixin, ImageDiffusionStage):
                          image_tokens=int(m.image_tokens), caption_vocab_size=self.vocab_size,
                          caption_context_length=self.context_length, caption_width=int(m.caption_width),
                          caption_depth=int(m.caption_depth), caption_heads=int(m.caption_heads),
-                         caption_pad_id=self.pad_id)
+                         caption_pad_id=self.pad_id, caption_scan_layers=bool(m.get("caption_scan_layers", False)))
         self.build_diffusion()
 
     def init_params(self, rng: jax.Array) -> Any:
@@ -163,7 +162,7 @@ class DecoderStage(FrozenClipMixin, ImageDiffusionStage):
                 it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(d.num_workers)))
             return it
         return pipeline.image_text_pipeline(
-            d, d.train_split, tokenizer_dir=os.path.join(self.workdir, TOKENIZER_DIR),
+            d, d.train_split, tokenizer_dir=fileio.join(self.workdir, TOKENIZER_DIR),
             local_batch_size=local_batch_size, seed=self.config.seed, process_index=process_index,
             process_count=process_count, clip_resolution=self._separate_clip_resolution())
 

@@ -8,7 +8,6 @@ the true image embeddings.
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Any
 
@@ -17,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dalle2_jax import diffusion as D
+from dalle2_jax import diffusion as D, fileio
 from dalle2_jax.data import pipeline
 from dalle2_jax.models.clip import build_clip
 from dalle2_jax.models.layers import ACTIVATIONS, dtype_from_name
@@ -101,18 +100,16 @@ class PriorStage(FrozenClipMixin, Stage):
         pipeline.prepare_dataset(self.config.data)
         self.copy_clip_tokenizer()  # the prior's workdir carries the tokenizer it was trained with
         self.setup_model()
-        if self.config.model.embedding_norm == "standardize" and not os.path.exists(self._stats_path()):
+        if self.config.model.embedding_norm == "standardize" and not fileio.exists(self._stats_path()):
             self._compute_stats()
         self._load_stats()
 
     def _stats_path(self) -> str:
-        return os.path.join(self.workdir, "stats", "image_embedding_stats.json")
+        return fileio.join(self.workdir, "stats", "image_embedding_stats.json")
 
     def _compute_stats(self) -> None:
         """Per-dimension mean/std of the frozen CLIP's image embeddings over config.model.stats_examples
         training records, written to <workdir>/stats/ (process 0)."""
-        import json
-
         from jax.experimental import multihost_utils
 
         if jax.process_index() == 0:
@@ -128,19 +125,14 @@ class PriorStage(FrozenClipMixin, Stage):
                 embed = jax.jit(self.clip_image)
                 embs = np.concatenate([np.asarray(embed(self.clip_params(), images[i: i + 256]))
                                        for i in range(0, len(images), 256)])
-            os.makedirs(os.path.dirname(self._stats_path()), exist_ok=True)
-            with open(self._stats_path(), "w") as f:
-                json.dump({"num_examples": int(len(embs)), "mean": embs.mean(0).tolist(),
-                           "std": (embs.std(0) + 1e-6).tolist()}, f)
+            fileio.write_json(self._stats_path(), {"num_examples": int(len(embs)), "mean": embs.mean(0).tolist(),
+                                                   "std": (embs.std(0) + 1e-6).tolist()})
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices("prior_stats")
 
     def _load_stats(self) -> None:
-        import json
-
         if self.config.model.embedding_norm == "standardize":
-            with open(self._stats_path()) as f:
-                st = json.load(f)
+            st = fileio.read_json(self._stats_path())
             self.emb_mean = np.asarray(st["mean"], np.float32)
             self.emb_std = np.asarray(st["std"], np.float32)
 
@@ -160,7 +152,7 @@ class PriorStage(FrozenClipMixin, Stage):
         from dalle2_jax.training.checkpoint import read_config
 
         clip_cfg = read_config(self.config.clip_workdir)
-        self.tokenizer = load_tokenizer(os.path.join(self.config.clip_workdir, TOKENIZER_DIR))
+        self.tokenizer = load_tokenizer(fileio.join(self.config.clip_workdir, TOKENIZER_DIR))
         self.clip = build_clip(clip_cfg.model, self.tokenizer.eot_id)
         self.clip_embed_dim = int(clip_cfg.model.embed_dim)
         self.text_width = int(clip_cfg.model.text.width)
@@ -170,7 +162,7 @@ class PriorStage(FrozenClipMixin, Stage):
                               f"{clip_cfg.model.vision.image_size}; the prior's images only feed the CLIP, so set "
                               f"--config.data.resolution={clip_cfg.model.vision.image_size}")
         self._build_prior()
-        if os.path.exists(self._stats_path()):
+        if fileio.exists(self._stats_path()):
             self._load_stats()
 
     def _build_prior(self) -> None:
@@ -186,7 +178,7 @@ class PriorStage(FrozenClipMixin, Stage):
 
     def abstract_init(self, rng: jax.Array) -> Any:
         m = self.config.model
-        if self.config.clip_workdir and os.path.exists(os.path.join(self.config.clip_workdir, "config.json")):
+        if self.config.clip_workdir and fileio.exists(fileio.join(self.config.clip_workdir, "config.json")):
             from dalle2_jax.training.checkpoint import read_config
 
             clip_model = read_config(self.config.clip_workdir).model
@@ -235,7 +227,7 @@ class PriorStage(FrozenClipMixin, Stage):
                                       process_index=process_index, process_count=process_count,
                                       num_workers=int(self.config.data.num_workers))
         return pipeline.image_text_pipeline(
-            self.config.data, self.config.data.train_split, tokenizer_dir=os.path.join(self.workdir, TOKENIZER_DIR),
+            self.config.data, self.config.data.train_split, tokenizer_dir=fileio.join(self.workdir, TOKENIZER_DIR),
             local_batch_size=local_batch_size, seed=self.config.seed, process_index=process_index,
             process_count=process_count)
 

@@ -267,15 +267,14 @@ def aot_report(config, topology: str, clip_model_cfg=None, mesh: str = "", batch
     with `hlo_out`, the compiled per-device HLO text is written there, gzipped."""
     import jax
     import numpy as np
-    from flax import linen as nn
     from jax.experimental import topologies
 
     from dalle2_jax.stages import get_stage_class
     from dalle2_jax.training.config import mesh_shape
     from dalle2_jax.training.flops import count_flops
-    from dalle2_jax.training.partitioning import LOGICAL_RULES, logical_shardings, make_mesh, strip_boxes, replicated
-    from dalle2_jax.training.state import init_train_state, make_optimizer
-    from dalle2_jax.training.trainer import jit_train_step
+    from dalle2_jax.training.partitioning import make_mesh, replicated
+    from dalle2_jax.training.state import make_optimizer
+    from dalle2_jax.training.trainer import abstract_train_state, jit_train_step, sharded_abstract
 
     chip, libtpu_name, chips = parse_topology(topology)
     devices = topologies.get_topology_desc(platform="tpu", topology_name=libtpu_name).devices
@@ -301,18 +300,9 @@ def aot_report(config, topology: str, clip_model_cfg=None, mesh: str = "", batch
         stage = get_stage_class(cfg.stage)(cfg, workdir="")
         batch, frozen_boxed = stage.abstract_train_inputs(global_batch, clip_model_cfg)
         tx = make_optimizer(cfg)
-        use_ema = cfg.optimizer.ema_decay > 0
         key0 = jax.random.key(0)  # concrete, on the host's CPU: outside the TPU mesh context
-        with jax.set_mesh(mesh_obj), nn.logical_axis_rules(LOGICAL_RULES):
-            boxed = jax.eval_shape(lambda k: init_train_state(stage.init_params(k), tx, use_ema), key0)
-            state_sh = logical_shardings(boxed, mesh_obj)
-            frozen_sh = logical_shardings(frozen_boxed, mesh_obj) if frozen_boxed is not None else None
-        def placed(boxed_tree, shardings):
-            return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                                strip_boxes(boxed_tree), shardings)
-
-        state = placed(boxed, state_sh)
-        frozen = placed(frozen_boxed, frozen_sh) if frozen_boxed is not None else None
+        _, state_sh, state = abstract_train_state(stage, tx, cfg, mesh_obj, key0)
+        frozen_sh, frozen = sharded_abstract(frozen_boxed, mesh_obj) if frozen_boxed is not None else (None, None)
         key = jax.ShapeDtypeStruct((), key0.dtype, sharding=replicated(mesh_obj))
         step = jit_train_step(stage, tx, cfg, mesh_obj, state_sh, {k: v.ndim for k, v in batch.items()}, frozen_sh)
         return stage, step, (state, batch, frozen, key)

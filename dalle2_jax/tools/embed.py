@@ -13,7 +13,6 @@ The data set is the CLIP workdir's (config.data), unless overridden with --data_
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 
@@ -50,8 +49,12 @@ def deserialize(data: bytes) -> dict:
 
 
 def embedding_files(directory: str, split: str) -> list[str]:
-    """The array_record files the embed tool wrote for `split`, in process order."""
-    files = sorted(glob.glob(os.path.join(directory, f"{split}-*-of-*.array_record")))
+    """The array_record files the embed tool wrote for `split`, in process order (local or a URI: grain
+    reads gs:// array_record files directly)."""
+    from dalle2_jax import fileio
+
+    root = fileio.resolve(directory)
+    files = sorted(fileio.join(root, p.name) for p in fileio.path(root).glob(f"{split}-*-of-*.array_record"))
     if not files:
         raise FileNotFoundError(f"no embedding files for split {split!r} in {directory!r}; run "
                                 "`python -m dalle2_jax.tools.embed` first")
@@ -63,8 +66,8 @@ def embed_split(clip_workdir: str, out: str, split: str = "train", batch_size: i
     """Embeds `split` with the frozen CLIP of `clip_workdir` into `out`; returns a summary dict."""
     import jax
     import jax.numpy as jnp
-    from array_record.python.array_record_module import ArrayRecordWriter
 
+    from dalle2_jax import fileio
     from dalle2_jax.data import pipeline
     from dalle2_jax.models.clip import build_clip
     from dalle2_jax.text import load_tokenizer
@@ -72,7 +75,7 @@ def embed_split(clip_workdir: str, out: str, split: str = "train", batch_size: i
 
     clip_cfg, params, info = load_params(clip_workdir)
     data_cfg = data_cfg or read_config(clip_workdir).data
-    tok = load_tokenizer(os.path.join(clip_workdir, "tokenizer"))
+    tok = load_tokenizer(fileio.join(clip_workdir, "tokenizer"))
     model = build_clip(clip_cfg.model, tok.eot_id)
 
     @jax.jit
@@ -87,8 +90,28 @@ def embed_split(clip_workdir: str, out: str, split: str = "train", batch_size: i
     n = len(source) if not max_examples else min(max_examples, len(source))
     p, count = jax.process_index(), jax.process_count()
     mine = np.arange(p, n, count)
-    os.makedirs(out, exist_ok=True)
-    path = os.path.join(out, f"{split}-{p:05d}-of-{count:05d}.array_record")
+    name = f"{split}-{p:05d}-of-{count:05d}.array_record"
+    out = fileio.resolve(out)
+    # array_record writes local files only: a gs:// `out` gets the file copied up when it is complete
+    with fileio.staged_output(out) as local_dir:
+        os.makedirs(local_dir, exist_ok=True)
+        _write_embeddings(os.path.join(local_dir, name), embed, params, source, mine, tok, data_cfg, batch_size)
+    path = fileio.join(out, name)
+    summary = {"split": split, "records": int(len(mine)), "file": path, "clip_step": info["step"],
+               "clip_params": info["params"]}
+    if p == 0:
+        fileio.write_text(fileio.join(out, "embed_info.json"), json.dumps(
+            {**summary, "clip_workdir": fileio.resolve(clip_workdir), "num_processes": count,
+             "total_records": int(n)}, indent=2))
+    return summary
+
+
+def _write_embeddings(path: str, embed, params, source, mine: np.ndarray, tok, data_cfg, batch_size: int) -> None:
+    """Embeds the records `mine` of `source` in batches into the array_record file `path`."""
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    from dalle2_jax.data import pipeline
+
     writer = ArrayRecordWriter(path, "group_size:1")
     for start in range(0, len(mine), batch_size):
         idx = mine[start: start + batch_size]
@@ -104,13 +127,6 @@ def embed_split(clip_workdir: str, out: str, split: str = "train", batch_size: i
             writer.write(serialize({"index": np.int64(idx[j]), "image_emb": img[j], "text_emb": txt[j],
                                     "token_states": states[j], "tokens": tokens[j]}))
     writer.close()
-    summary = {"split": split, "records": int(len(mine)), "file": path, "clip_step": info["step"],
-               "clip_params": info["params"]}
-    if p == 0:
-        with open(os.path.join(out, "embed_info.json"), "w") as f:
-            json.dump({**summary, "clip_workdir": os.path.abspath(clip_workdir), "num_processes": count,
-                       "total_records": int(n)}, f, indent=2)
-    return summary
 
 
 def main(fv: flags.FlagValues) -> None:

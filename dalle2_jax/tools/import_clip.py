@@ -33,6 +33,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 import time
 from typing import Any, Callable, Iterator, Sequence
 
@@ -40,6 +41,7 @@ import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
+from dalle2_jax import fileio
 from dalle2_jax.cli_util import exit_on_errors, run_program
 from dalle2_jax.inference.errors import InputError
 
@@ -333,7 +335,8 @@ def import_clip(weights: str, config, out: str, layout: str = "auto", bpe_path: 
         raise ConfigError("stage", f"is {config.stage!r}; import_clip needs a CLIP config (configs/clip.py)")
     if config.model.text.get("tokenizer", "bpe") != "clip_bpe":
         raise ConfigError("model.text.tokenizer", "released CLIPs use CLIP's BPE; set it to 'clip_bpe'")
-    if os.path.exists(out) and os.listdir(out) and not overwrite:
+    out = fileio.resolve(out)
+    if fileio.exists(out) and fileio.listdir(out) and not overwrite:
         raise InputError(f"{out!r} exists and is not empty; choose another --out or pass --overwrite")
     arch = config.model.get("arch", "") or "the given config"
     wf = WeightFile(weights)
@@ -364,7 +367,8 @@ def import_clip(weights: str, config, out: str, layout: str = "auto", bpe_path: 
         diff = sorted(set(want.items()) ^ set(got.items()))[:10]
         raise RuntimeError(f"internal: converted params do not match the model ({arch}, {layout}): {diff}")
 
-    tmp = out.rstrip("/") + ".partial"
+    remote = fileio.is_remote(out)  # a gs:// workdir is written locally, then copied up (config.json last)
+    tmp = tempfile.mkdtemp(prefix="dalle2_jax_import_") if remote else out + ".partial"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     with open(os.path.join(tmp, "config.json"), "w") as f:
@@ -385,10 +389,14 @@ def import_clip(weights: str, config, out: str, layout: str = "auto", bpe_path: 
         "image_size": int(v.image_size), "seconds": round(time.time() - t0, 2),
     }
     ckpt.write_json(os.path.join(tmp, "reports", "import.json"), report)
-    if os.path.exists(out):
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    report["workdir"] = os.path.abspath(out)
+    if fileio.exists(out):
+        fileio.remove_tree(out)
+    if remote:
+        fileio.copy_tree(tmp, out, last=("config.json",))
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+    report["workdir"] = out
     log.info("imported %s (%s layout, %d tensors, %.1fM params) into %s", arch, layout, len(expected),
              num_params / 1e6, out)
     return report

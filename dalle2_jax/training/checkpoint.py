@@ -3,8 +3,6 @@ one loader every frozen stage is read with."""
 
 from __future__ import annotations
 
-import json
-import os
 from typing import Any
 
 import grain
@@ -12,6 +10,7 @@ import jax
 import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding
 
+from dalle2_jax import fileio
 from dalle2_jax.training.config import config_from_json
 
 CHECKPOINT_DIR = "checkpoints"
@@ -19,7 +18,8 @@ ITEMS = ("state", "meta", "data")
 
 
 def checkpoint_dir(workdir: str) -> str:
-    return os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
+    """`<workdir>/checkpoints`, absolute (or a URI such as gs://bucket/run/checkpoints)."""
+    return fileio.join(fileio.resolve(workdir), CHECKPOINT_DIR)
 
 
 def make_manager(workdir: str, max_to_keep: int = 3, async_save: bool = True,
@@ -35,7 +35,7 @@ def make_manager(workdir: str, max_to_keep: int = 3, async_save: bool = True,
     # The PyTree handler (rather than Standard) lets the params-only loader restore part of the state.
     handlers = {"state": ocp.PyTreeCheckpointHandler(use_compression=compress), "meta": ocp.JsonCheckpointHandler(),
                 "data": grain.checkpoint.CheckpointHandler()}
-    return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_handlers=handlers)
+    return ocp.CheckpointManager(fileio.path(checkpoint_dir(workdir)), options=options, item_handlers=handlers)
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state: Any, meta: dict, data_iter: Any | None,
@@ -61,11 +61,10 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_state: Any, data_it
 
 def read_config(workdir: str):
     """The resolved config saved in `<workdir>/config.json`."""
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
+    path = fileio.join(workdir, "config.json")
+    if not fileio.exists(path):
         raise FileNotFoundError(f"{workdir!r} is not a workdir: {path} is missing")
-    with open(path) as f:
-        return config_from_json(f.read())
+    return config_from_json(fileio.read_text(path))
 
 
 def _abstract_from_metadata(tree: Any, sharding) -> Any:
@@ -102,7 +101,5 @@ def load_params(workdir: str, mesh: jax.sharding.Mesh | None = None, prefer_ema:
 
 
 def write_json(path: str, obj: Any) -> None:
-    """Writes `obj` as JSON, creating the parent directory."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
+    """Writes `obj` as JSON, creating the parent directory (local or remote)."""
+    fileio.write_json(path, obj)

@@ -3,33 +3,58 @@
 from __future__ import annotations
 
 import math
-import os
 
 import numpy as np
 
 
 class MetricWriter:
-    """Writes scalars and images to TensorBoard event files in `logdir`."""
+    """Writes scalars and images to TensorBoard event files in `logdir`.
+
+    A remote `logdir` (gs://...) gets its event file written locally and copied up after every flush
+    (fileio), so TensorBoard pointed at the bucket follows the run."""
 
     def __init__(self, logdir: str):
         from tensorboardX import SummaryWriter
 
-        os.makedirs(logdir, exist_ok=True)
-        self._w = SummaryWriter(logdir)
+        from dalle2_jax import fileio
+
+        self._remote = fileio.resolve(logdir) if fileio.is_remote(logdir) else None
+        if self._remote:
+            import tempfile
+
+            self._local = tempfile.mkdtemp(prefix="dalle2_jax_tb_")
+        else:
+            self._local = fileio.resolve(logdir)
+            fileio.makedirs(self._local)
+        self._w = SummaryWriter(self._local)
+
+    def _flush(self) -> None:
+        self._w.flush()
+        if self._remote:
+            from dalle2_jax import fileio
+
+            fileio.copy_tree(self._local, self._remote)
 
     def scalars(self, step: int, values: dict) -> None:
         for k, v in values.items():
             if isinstance(v, (int, float, np.floating, np.integer)) and math.isfinite(float(v)):
                 self._w.add_scalar(k, float(v), global_step=int(step))
-        self._w.flush()
+        self._flush()
 
     def image(self, step: int, tag: str, image: np.ndarray) -> None:
         """image: uint8 [H, W, 3]."""
         self._w.add_image(tag, image, global_step=int(step), dataformats="HWC")
-        self._w.flush()
+        self._flush()
 
     def close(self) -> None:
         self._w.close()
+        if self._remote:
+            import shutil
+
+            from dalle2_jax import fileio
+
+            fileio.copy_tree(self._local, self._remote)
+            shutil.rmtree(self._local, ignore_errors=True)
 
 
 def _duration(seconds: float) -> str:

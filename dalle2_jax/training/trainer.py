@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from typing import Any
 
@@ -19,6 +18,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
+from dalle2_jax import fileio
 from dalle2_jax.stages import get_stage_class
 from dalle2_jax.training import checkpoint as ckpt
 from dalle2_jax.training.config import ConfigError, config_to_json, validate_config
@@ -30,12 +30,34 @@ from dalle2_jax.training.state import init_train_state, make_optimizer, make_tra
 log = logging.getLogger("dalle2_jax")
 
 
+def sharded_abstract(boxed: Any, mesh: jax.sharding.Mesh) -> tuple[Any, Any]:
+    """(shardings by the logical rules, ShapeDtypeStructs carrying them) for a boxed abstract tree."""
+    with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
+        shardings = logical_shardings(boxed, mesh)
+    return shardings, jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                   strip_boxes(boxed), shardings)
+
+
+def abstract_train_state(stage: Any, tx: Any, config, mesh: jax.sharding.Mesh, rng: jax.Array):
+    """(init_fn, state shardings, abstract sharded state) of `stage`'s train state: no memory used. The
+    trainer creates the state from them; the AOT tool compiles against them."""
+    use_ema = config.optimizer.ema_decay > 0
+
+    def init_fn(k):
+        return init_train_state(stage.init_params(k), tx, use_ema)
+
+    with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
+        boxed = jax.eval_shape(init_fn, rng)
+    shardings, abstract = sharded_abstract(boxed, mesh)
+    return init_fn, shardings, abstract
+
+
 class Run:
     """A stage, its mesh, and its sharded train state and step, ready to train or evaluate."""
 
     def __init__(self, config, workdir: str, prepare: bool = True, devices: list | None = None):
         self.config = config
-        self.workdir = os.path.abspath(workdir)
+        self.workdir = fileio.resolve(workdir)
         self.stage = get_stage_class(config.stage)(config, self.workdir)
         self.mesh = make_mesh(config, devices)
         if prepare:
@@ -43,18 +65,9 @@ class Run:
         else:
             self.stage.setup_model()
         self.tx = make_optimizer(config)
-        use_ema = config.optimizer.ema_decay > 0
-
-        def init_fn(rng):
-            return init_train_state(self.stage.init_params(rng), self.tx, use_ema)
-
         self.init_rng, self.step_rng = jax.random.split(jax.random.key(config.seed))
-        with jax.set_mesh(self.mesh), nn.logical_axis_rules(LOGICAL_RULES):
-            boxed = jax.eval_shape(init_fn, self.init_rng)
-            self.state_shardings = logical_shardings(boxed, self.mesh)
-        self._init_fn = init_fn
-        self.abstract_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                                           strip_boxes(boxed), self.state_shardings)
+        self._init_fn, self.state_shardings, self.abstract_state = abstract_train_state(
+            self.stage, self.tx, config, self.mesh, self.init_rng)
 
     def init_state(self):
         """A fresh state, created directly in its sharded layout (never whole on one device)."""
@@ -124,8 +137,8 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 def _write_config(config, workdir: str) -> None:
     """Writes config.json; on resume, logs the run keys that changed and refuses a changed stage/model."""
-    path = os.path.join(workdir, "config.json")
-    if os.path.exists(path):
+    path = fileio.join(workdir, "config.json")
+    if fileio.exists(path):
         old = _flatten(json.loads(config_to_json(ckpt.read_config(workdir))))
         new = _flatten(json.loads(config_to_json(config)))
         changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
@@ -139,19 +152,32 @@ def _write_config(config, workdir: str) -> None:
             print("resuming with changed config keys: " + ", ".join(
                 f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in changed), flush=True)
     if jax.process_index() == 0:
-        with open(path, "w") as f:
-            f.write(config_to_json(config))
+        fileio.write_text(path, config_to_json(config))
+
+
+def _check_workdir_shared(workdir: str) -> None:
+    """With several processes, every one must see the config.json process 0 wrote: orbax writes one
+    checkpoint from all of them, so the workdir must be shared (gs://, or a shared filesystem)."""
+    if jax.process_count() == 1:
+        return
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices("config_written")
+    seen = multihost_utils.process_allgather(np.asarray(fileio.exists(fileio.join(workdir, "config.json"))))
+    missing = [i for i, ok in enumerate(np.asarray(seen).reshape(-1)) if not ok]
+    if missing:
+        raise ConfigError("workdir", f"{workdir!r} is not shared: processes {missing} do not see the config.json "
+                          "process 0 wrote there; use a gs:// workdir or a filesystem every host mounts")
 
 
 def write_sample_grids(workdir: str, step: int, images: dict, writer: MetricWriter | None) -> list[str]:
     """Writes each uint8 [H, W, 3] grid as <workdir>/samples/<name>_<step>.png and to TensorBoard."""
-    from PIL import Image
+    from dalle2_jax.images import save_png
 
-    os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
     paths = []
     for name, grid in images.items():
-        path = os.path.join(workdir, "samples", f"{name}_{step}.png")
-        Image.fromarray(np.asarray(grid, np.uint8)).save(path)
+        path = fileio.join(workdir, "samples", f"{name}_{step}.png")
+        save_png(path, np.asarray(grid, np.uint8))
         paths.append(path)
         if writer is not None:
             writer.image(step, f"samples/{name}", np.asarray(grid, np.uint8))
@@ -168,7 +194,7 @@ def evaluate_and_report(run: Run, params: Any, step: int, params_kind: str, writ
     if jax.process_index() == 0:
         if images:
             result["sample_files"] = write_sample_grids(run.workdir, step, images, writer)
-        ckpt.write_json(os.path.join(run.workdir, "reports", f"eval_{step}.json"), result)
+        ckpt.write_json(fileio.join(run.workdir, "reports", f"eval_{step}.json"), result)
         if writer is not None:
             writer.scalars(step, {f"eval/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
     log.info("evaluation at step %d took %.1fs", step, time.time() - t0)
@@ -179,19 +205,20 @@ def train(config, workdir: str) -> dict:
     """Trains `config.stage` in `workdir` until config.total_steps, resuming if the workdir has a
     checkpoint. Returns the last logged training metrics and the final evaluation (if any)."""
     validate_config(config)
-    workdir = os.path.abspath(workdir)
+    workdir = fileio.resolve(workdir)
     try:
-        os.makedirs(workdir, exist_ok=True)
-        probe = os.path.join(workdir, ".write_test")
-        open(probe, "w").close()
-        os.remove(probe)
-    except OSError as e:
+        fileio.makedirs(workdir)
+        probe = fileio.path(fileio.join(workdir, f".write_test_{jax.process_index()}"))
+        probe.write_text("")
+        probe.unlink()
+    except (OSError, ImportError) as e:  # ImportError: the URI's filesystem package (gcsfs) is missing
         raise ConfigError("workdir", f"cannot write to {workdir!r} ({e}); choose a writable directory") from e
     _write_config(config, workdir)
+    _check_workdir_shared(workdir)
     t_start = time.time()
     run = Run(config, workdir)
     is_chief = jax.process_index() == 0
-    writer = MetricWriter(os.path.join(workdir, "tensorboard")) if is_chief else None
+    writer = MetricWriter(fileio.join(workdir, "tensorboard")) if is_chief else None
     mngr = ckpt.make_manager(workdir, max_to_keep=int(config.keep_checkpoints))
 
     local_bs = config.batch_size // jax.process_count()
