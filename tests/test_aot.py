@@ -38,6 +38,7 @@ def test_chip_grid_doubles_the_smallest_side():
     assert chip_grid(128, 2) == (8, 16)
 
 
+@pytest.mark.slow  # 11-13 s of XLA:CPU compiles; the default suite keeps the parsers' unit tests
 def test_flop_count_matches_the_formula_for_a_transformer_and_a_conv():
     """Forward = 2 x multiply-adds of every matmul (scans multiplied out); grad = 3x forward; full remat adds
     the recomputed forward; a convolution counts kernel x in-channels per output."""
@@ -111,6 +112,7 @@ def test_collective_bytes_multiply_loop_bodies_by_their_trip_count():
     assert got["reduce-scatter"] == (80 + 10) * 4  # the async start's result tuple, counted once
 
 
+@pytest.mark.slow  # 11-13 s of XLA:CPU compiles; the default suite keeps the parsers' unit tests
 def test_hlo_traffic_equals_xla_on_a_loop_free_step_and_counts_scanned_layers():
     """The HBM estimate of a compiled grad step: exactly XLA's bytes accessed without loops; with the layers
     scanned (XLA counts the body once) it stays near the unrolled figure instead of dropping by the depth."""

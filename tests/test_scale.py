@@ -144,6 +144,7 @@ def test_bfloat16_moments_halve_the_optimizer_state_and_track_float32():
         assert a.dtype == jnp.float32  # master params stay float32
 
 
+@pytest.mark.slow  # 12 s of compiles, one per policy
 def test_named_remat_policies_give_the_same_gradients():
     """Each policy recomputes a different set of activations; the gradients are the same as without remat,
     and the tagged names are what the save_* policies keep (a name that does not exist would save nothing)."""

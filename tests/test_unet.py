@@ -13,7 +13,9 @@ from dalle2_jax.models.unet import UNet
 
 @pytest.mark.parametrize("variant", [
     "decoder:tiny", pytest.param("decoder:base", marks=pytest.mark.slow), "decoder:paper",
-    "upsampler:tiny_64to256", "upsampler:paper_64to256", "upsampler:tiny_256to1024", "upsampler:paper_256to1024",
+    # the upsamplers' paper counts take 7-8 s each to trace: slow (the tiny variants check the same code)
+    "upsampler:tiny_64to256", pytest.param("upsampler:paper_64to256", marks=pytest.mark.slow),
+    "upsampler:tiny_256to1024", pytest.param("upsampler:paper_256to1024", marks=pytest.mark.slow),
 ])
 def test_every_config_has_the_right_output_shape(variant):
     """Built from the config through the stage, with jax.eval_shape (no memory for the paper models); the
