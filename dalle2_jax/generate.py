@@ -123,7 +123,6 @@ def _show_mask(image, regen):
 
 def write_outputs(out_dir: str, output, grid_rows: list, extra: dict) -> list[str]:
     """grid.png, 000.png... and settings.json in out_dir (a local path or a URI); returns the image paths."""
-    from dalle2_jax import fileio
     from dalle2_jax.images import save_png
 
     out_dir = fileio.resolve(out_dir)

@@ -97,3 +97,22 @@ def test_bundle_exported_to_and_loaded_from_gcs(gcs_bucket, tiny_bundle):
         jax.tree.map(np.testing.assert_array_equal, jax.device_get(r.params), jax.device_get(lo.params))
     assert remote.get("clip")[0].stage.tokenizer.encode("a red circle").tolist() == \
         local.get("clip")[0].stage.tokenizer.encode("a red circle").tolist()
+
+
+def test_a_workdir_some_processes_cannot_see_is_refused(tmp_path, monkeypatch):
+    """With several processes, every one must see the config.json process 0 wrote; the ones that do not
+    are named in a `workdir` error (the collectives are stubbed: process 1 reports it missing)."""
+    from jax.experimental import multihost_utils
+
+    from dalle2_jax.training import trainer
+    from dalle2_jax.training.config import ConfigError
+
+    (tmp_path / "config.json").write_text("{}")
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(multihost_utils, "sync_global_devices", lambda name: None)
+    seen = {"all": [True, True]}
+    monkeypatch.setattr(multihost_utils, "process_allgather", lambda x: np.asarray(seen["all"]))
+    trainer._check_workdir_shared(str(tmp_path))  # everyone sees it: no error
+    seen["all"] = [True, False]
+    with pytest.raises(ConfigError, match=r"workdir.*processes \[1\] do not see"):
+        trainer._check_workdir_shared(str(tmp_path))
