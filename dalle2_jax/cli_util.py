@@ -11,6 +11,7 @@ from absl import app, flags
 
 from dalle2_jax.inference.errors import InputError
 from dalle2_jax.training.config import ConfigError
+from dalle2_jax.training.errors import NoIntactCheckpoint, TrainingStopped
 
 
 class _DropNoise(logging.Filter):
@@ -35,13 +36,14 @@ def setup_logging() -> None:
 
 @contextlib.contextmanager
 def exit_on_errors():
-    """Config errors and bad input (InputError) exit 2 with the message; missing files exit 1 with the message."""
+    """Config errors and bad input (InputError, a checkpoint of another model) exit 2 with the message;
+    missing files, a workdir with no intact checkpoint and a run stopped by its non-finite guard exit 1."""
     try:
         yield
     except (ConfigError, InputError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, TrainingStopped, NoIntactCheckpoint) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
 

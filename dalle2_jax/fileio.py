@@ -136,6 +136,19 @@ def remove_tree(p: str | os.PathLike) -> None:
             target.unlink()
 
 
+def move_tree(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Moves the file or directory `src` to `dst` (a rename where local; copy, then delete, for a URI)."""
+    if not is_remote(src) and not is_remote(dst):
+        os.makedirs(os.path.dirname(resolve(dst)), exist_ok=True)
+        os.replace(resolve(src), resolve(dst))
+        return
+    if isdir(src):
+        copy_tree(src, dst)
+    else:
+        copy_file(src, dst)
+    remove_tree(src)
+
+
 @contextlib.contextmanager
 def staged_output(dst: str | os.PathLike, last: tuple[str, ...] = ()) -> Iterator[str]:
     """A local directory to write `dst`'s files into: `dst` itself when local; for a URI a temporary

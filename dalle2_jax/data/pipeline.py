@@ -6,11 +6,19 @@ resizes + center-crops the images (kept uint8; normalised on device), batches, a
 The global batches are a function of the seed only, whatever the number of JAX processes: each process
 reads and decodes only its contiguous slice of every global batch (`shard_batches`), and
 `partitioning.global_batch` puts the slices back together over the mesh, process 0's rows first.
+
+A record whose image cannot be read or decoded does not stop training: `skip_undecodable` replaces it with
+the next decodable record of the split (in stored order, so the substitute depends on the record alone,
+never on the process count or the epoch) and marks the example with `bad_records` = 1. The training
+batches of `image_text_pipeline` and `upsampler_pipeline` therefore always carry 'bad_records': int32 [b]
+(zeros when all is well): the trainer pops it before the batch goes to the devices, sums and reports it.
+`read_split` (evaluation sets) leaves undecodable records out and logs how many.
 """
 
 from __future__ import annotations
 
 import io
+import logging
 import os
 from typing import Any, Callable, Sequence
 
@@ -21,6 +29,10 @@ from PIL import Image
 from dalle2_jax.images import resize_shortest_center_crop
 
 DEFAULT_DATA_DIR = os.path.join("~", "tensorflow_datasets")
+BAD_RECORDS_KEY = "bad_records"
+MAX_DECODE_TRIES = 100  # consecutive undecodable records before a data set is declared broken
+_LOGGED_BAD_RECORDS = 10  # per dataset object (per worker process): the first ones at WARNING, the rest at DEBUG
+logger = logging.getLogger("dalle2_jax")
 
 
 def resolve_data_dir(data_cfg) -> str:
@@ -99,6 +111,74 @@ def _as_text(value: Any) -> str:
     return str(value)
 
 
+def data_name(data_cfg, split: str) -> str:
+    """'<data set> <split>' for messages, e.g. 'captioned_shapes train'."""
+    return f"{data_cfg.name} {split}"
+
+
+class SkipUndecodable(grain.MapDataset):
+    """Record j of `parent` -> `decode(parent[j])` plus 'bad_records': int32 (0), or, when reading or
+    decoding record j raises, the decoded next record j+1, j+2, ... (mod len) that works, with
+    'bad_records' = 1.
+
+    Each undecodable record thus counts once wherever it is read (once per epoch in a shuffled stream) and
+    its substitute depends only on j: the output is a deterministic function of the index, as random access
+    needs (shuffling, sharding, resuming). Put it directly on the source, before `.seed()`, so downstream
+    random maps keep their default seeds. Skipped records are logged (the first few at WARNING, then at
+    DEBUG) naming `what` and the index. After `max_tries` consecutive failures it raises RuntimeError
+    naming `what` and the first error: the data set (or its config, e.g. the image key) is broken.
+    """
+
+    def __init__(self, parent: grain.MapDataset, decode: Callable[[Any], dict], what: str,
+                 max_tries: int = MAX_DECODE_TRIES):
+        super().__init__(parent)
+        self._decode, self._what, self._max_tries = decode, what, int(max_tries)
+        self._num_logged = 0
+
+    def __len__(self) -> int:
+        return len(self._parent)
+
+    def __str__(self) -> str:
+        return f"SkipUndecodable({self._what})"
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        n = len(self._parent)
+        j = index % n
+        first_error = None
+        for k in range(min(self._max_tries, n)):
+            try:
+                record = self._parent[(j + k) % n]
+                if record is None:
+                    return None
+                out = self._decode(record)
+            except Exception as e:  # noqa: BLE001 - any read or decode error makes a record unusable
+                if first_error is None:
+                    first_error = e
+                    self._log(j, e)
+                continue
+            return dict(out, **{BAD_RECORDS_KEY: np.int32(k > 0)})
+        raise RuntimeError(
+            f"{self._what}: records {j}..{(j + min(self._max_tries, n) - 1) % n} (of {n}) in a row cannot be "
+            f"read or decoded: the data set looks broken (or config.data.image_key is wrong). First error, at "
+            f"record {j}: {first_error!r}") from first_error
+
+    def _log(self, index: int, error: Exception) -> None:
+        self._num_logged += 1
+        level = logging.WARNING if self._num_logged <= _LOGGED_BAD_RECORDS else logging.DEBUG
+        more = (f" (further undecodable records in {self._what} are logged at DEBUG)"
+                if self._num_logged == _LOGGED_BAD_RECORDS else "")
+        logger.log(level, "%s: skipping record %d, it cannot be decoded: %r%s", self._what, index, error, more)
+
+
+def skip_undecodable(ds: grain.MapDataset, decode: Callable[[Any], dict], what: str,
+                     max_tries: int = MAX_DECODE_TRIES) -> grain.MapDataset:
+    """`ds` with `decode` applied to each record, undecodable records replaced and counted in
+    'bad_records' (see SkipUndecodable). `decode` returns a dict."""
+    return SkipUndecodable(ds, decode, what, max_tries)
+
+
 class DecodeExample(grain.transforms.Map):
     """TFDS record -> {'image': uint8 [R, R, 3], 'caption': str} (plus 'clip_image' uint8 [C, C, 3] when
     `clip_resolution` is set: the frozen CLIP's input when its size differs from the stage's, made from the
@@ -171,8 +251,10 @@ def image_text_pipeline(data_cfg, split: str, *, tokenizer_dir: str, local_batch
                         num_epochs: int | None = None, num_workers: int | None = None,
                         extra_batch_map: Callable | None = None, clip_resolution: int = 0) -> grain.IterDataset:
     """The training pipeline for image-text stages: an endless (or `num_epochs`) iterable of batches
-    {'image': uint8 [b, R, R, 3], 'tokens': int32 [b, L]} with b = local_batch_size, plus
-    'clip_image' uint8 [b, C, C, 3] when `clip_resolution` C is set (see DecodeExample).
+    {'image': uint8 [b, R, R, 3], 'tokens': int32 [b, L], 'bad_records': int32 [b]} with b =
+    local_batch_size, plus 'clip_image' uint8 [b, C, C, 3] when `clip_resolution` C is set (see
+    DecodeExample). 'bad_records' is 1 for a row whose record could not be decoded and was replaced by the
+    next decodable one (see SkipUndecodable), else 0.
 
     The record order is a function of `seed` only (all records shuffled, reshuffled each epoch); process
     `process_index` of `process_count` gets its contiguous slice of every global batch of
@@ -180,11 +262,11 @@ def image_text_pipeline(data_cfg, split: str, *, tokenizer_dir: str, local_batch
     grain.checkpoint.
     """
     source = open_source(data_cfg, split, skip_decoding=(data_cfg.image_key,))
-    ds = grain.MapDataset.source(source)
+    decode = DecodeExample(data_cfg.image_key, data_cfg.text_key, data_cfg.resolution, clip_resolution)
+    ds = skip_undecodable(grain.MapDataset.source(source), decode.map, data_name(data_cfg, split))
     if shuffle:
         ds = ds.seed(seed).shuffle()
     ds = ds.repeat(num_epochs)
-    ds = ds.map(DecodeExample(data_cfg.image_key, data_cfg.text_key, data_cfg.resolution, clip_resolution))
     it = shard_batches(ds, local_batch_size, process_index, process_count, batch_fn=_stack,
                        read_threads=int(data_cfg.read_threads))
     it = it.map(TokenizeBatch(tokenizer_dir))
@@ -198,19 +280,36 @@ def image_text_pipeline(data_cfg, split: str, *, tokenizer_dir: str, local_batch
 
 def read_split(data_cfg, split: str, keys: Sequence[str], max_examples: int = 0,
                decode: Callable[[dict], dict] | None = None) -> list[dict]:
-    """Reads (the first `max_examples` of) a split into memory as a list of records restricted to `keys`,
-    with the image key decoded at the configured resolution. For evaluation sets."""
+    """Reads a split into memory as a list of records restricted to `keys`, with the image key decoded at
+    the configured resolution: the first `max_examples` decodable records (0 = all). For evaluation sets.
+
+    A record whose image cannot be decoded is left out with a logged warning (its index and the error),
+    and one summary line "skipped N undecodable records in <data set> <split>" is logged.
+    """
     source = open_source(data_cfg, split, skip_decoding=(data_cfg.image_key,))
-    n = len(source) if not max_examples else min(max_examples, len(source))
-    out = []
-    for start in range(0, n, 256):
-        for rec in source.__getitems__(list(range(start, min(n, start + 256)))):
+    what = data_name(data_cfg, split)
+    out: list[dict] = []
+    bad = 0
+    start = 0
+    while start < len(source) and (not max_examples or len(out) < max_examples):
+        stop = min(len(source), start + 256)
+        for index, rec in zip(range(start, stop), source.__getitems__(list(range(start, stop)))):
+            if max_examples and len(out) >= max_examples:
+                break
             item = {k: rec[k] for k in keys}
             if data_cfg.image_key in item:
-                item[data_cfg.image_key] = decode_image(item[data_cfg.image_key], data_cfg.resolution)
+                try:
+                    item[data_cfg.image_key] = decode_image(item[data_cfg.image_key], data_cfg.resolution)
+                except Exception as e:  # noqa: BLE001 - any decode error makes the record unusable
+                    bad += 1
+                    logger.warning("%s: skipping record %d, its image cannot be decoded: %r", what, index, e)
+                    continue
             if data_cfg.text_key in item:
                 item[data_cfg.text_key] = _as_text(item[data_cfg.text_key])
             out.append(decode(item) if decode else item)
+        start = stop
+    if bad:
+        logger.warning("skipped %d undecodable records in %s", bad, what)
     return out
 
 
@@ -224,50 +323,68 @@ def all_captions(data_cfg, split: str, max_examples: int = 0) -> list[str]:
     return out
 
 
-class DegradeAndCrop(grain.transforms.RandomMap):
-    """TFDS record -> {'high': uint8 [c, c, 3], 'low': uint8 [c/f, c/f, 3]} for the upsampler stages.
+class DecodeHighLow(grain.transforms.Map):
+    """TFDS record -> {'high': uint8 [R, R, 3], 'low': uint8 [r, r, 3]} for the upsampler stages: the
+    high-res target decoded at R = `resolution`, the low-res input the stored low-res render
+    (`low_res_key`) decoded at r = `low_res_resolution` or, without one, the target downsampled by R/r.
+    Deterministic (no RNG), so undecodable records can be skipped before the random step."""
 
-    The high-res target is decoded at `resolution`; the low-res input is the stored low-res render
-    (`low_res_key`) or, without one, the target downsampled by the factor f. The low-res image is corrupted
-    (`degradation`: blur | bsr | none) with this example's generator, then a crop of side c (`crop_size`,
-    0 = full size) is taken at the same place in both (offsets on the low-res pixel grid).
+    def __init__(self, data_cfg):
+        self.image_key, self.low_res_key = data_cfg.image_key, data_cfg.low_res_key
+        self.resolution, self.low_res = int(data_cfg.resolution), int(data_cfg.low_res_resolution)
+
+    def map(self, record: dict) -> dict:
+        from dalle2_jax.data import degradations as G
+
+        high = decode_image(record[self.image_key], self.resolution)
+        low = (decode_image(record[self.low_res_key], self.low_res) if self.low_res_key
+               else G.downsample(high, self.resolution // self.low_res))
+        return {"high": high, "low": low}
+
+
+class DegradeAndCrop(grain.transforms.RandomMap):
+    """{'high': uint8 [R, R, 3], 'low': uint8 [r, r, 3]} (DecodeHighLow) -> {'high': uint8 [c, c, 3],
+    'low': uint8 [c/f, c/f, 3]} with f = R/r; other keys pass through.
+
+    The low-res image is corrupted (`degradation`: blur | bsr | none) with this example's generator, then a
+    crop of side c (`crop_size`, 0 = full size) is taken at the same place in both (offsets on the low-res
+    pixel grid).
     """
 
     def __init__(self, data_cfg, degradation: str, blur_sigma: float, blur_size: int, bsr_strength: float):
-        self.image_key, self.low_res_key = data_cfg.image_key, data_cfg.low_res_key
         self.resolution, self.low_res = int(data_cfg.resolution), int(data_cfg.low_res_resolution)
         self.crop = int(data_cfg.crop_size) or self.resolution
         self.degradation, self.blur_sigma, self.blur_size = degradation, blur_sigma, blur_size
         self.bsr_strength = bsr_strength
 
-    def random_map(self, record: dict, rng: np.random.Generator) -> dict:
+    def random_map(self, example: dict, rng: np.random.Generator) -> dict:
         from dalle2_jax.data import degradations as G
 
         f = self.resolution // self.low_res
-        high = decode_image(record[self.image_key], self.resolution)
-        low = (decode_image(record[self.low_res_key], self.low_res) if self.low_res_key
-               else G.downsample(high, f))
+        high, low = example["high"], example["low"]
         if self.degradation == "blur":
             low = G.gaussian_blur(low, self.blur_sigma, self.blur_size)
         elif self.degradation == "bsr":
             low = G.bsr_degrade(low, rng, strength=self.bsr_strength)
         lc = self.crop // f
         y, x = (int(v) for v in rng.integers(0, self.low_res - lc + 1, size=2))
-        return {"high": high[y * f: y * f + self.crop, x * f: x * f + self.crop],
-                "low": low[y: y + lc, x: x + lc]}
+        return dict(example, high=high[y * f: y * f + self.crop, x * f: x * f + self.crop],
+                    low=low[y: y + lc, x: x + lc])
 
 
 def upsampler_pipeline(data_cfg, split: str, *, local_batch_size: int, seed: int, degradation: str = "blur",
                        blur_sigma: float = 0.6, blur_size: int = 3, bsr_strength: float = 1.0,
                        process_index: int = 0, process_count: int = 1,
                        num_workers: int | None = None) -> grain.IterDataset:
-    """Endless batches {'high': uint8 [b, c, c, 3], 'low': uint8 [b, c/f, c/f, 3]} (see DegradeAndCrop):
-    this process's slice of every global batch (see shard_batches), shuffled and corrupted
-    deterministically from `seed` (each record's generator comes from its global position, so the
-    corruption does not depend on the process count)."""
+    """Endless batches {'high': uint8 [b, c, c, 3], 'low': uint8 [b, c/f, c/f, 3], 'bad_records': int32 [b]}
+    (see DecodeHighLow, DegradeAndCrop): this process's slice of every global batch (see shard_batches),
+    shuffled and corrupted deterministically from `seed` (each record's generator comes from its global
+    position, so the corruption does not depend on the process count). Undecodable records are replaced
+    and counted in 'bad_records' as in image_text_pipeline (see SkipUndecodable)."""
     keys = tuple(k for k in (data_cfg.image_key, data_cfg.low_res_key) if k)
     source = open_source(data_cfg, split, skip_decoding=keys)
-    ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat(None)
+    ds = skip_undecodable(grain.MapDataset.source(source), DecodeHighLow(data_cfg).map, data_name(data_cfg, split))
+    ds = ds.seed(seed).shuffle().repeat(None)
     ds = ds.random_map(DegradeAndCrop(data_cfg, degradation, blur_sigma, blur_size, bsr_strength))
     it = shard_batches(ds, local_batch_size, process_index, process_count, read_threads=int(data_cfg.read_threads))
     workers = int(data_cfg.num_workers) if num_workers is None else num_workers

@@ -155,7 +155,10 @@ class DecoderStage(FrozenClipMixin, ImageDiffusionStage):
 
             ds = grain.MapDataset.source(grain.sources.ArrayRecordDataSource(embedding_files(d.embeddings_dir,
                                                                                              d.train_split)))
-            ds = ds.seed(self.config.seed).shuffle().repeat(None).map(_JoinImage(d, d.train_split))
+            # an embedding whose image no longer decodes is replaced and counted in 'bad_records'
+            ds = pipeline.skip_undecodable(ds, _JoinImage(d, d.train_split).map,
+                                           pipeline.data_name(d, d.train_split))
+            ds = ds.seed(self.config.seed).shuffle().repeat(None)
             it = pipeline.shard_batches(ds, local_batch_size, process_index, process_count,
                                         read_threads=int(d.read_threads))
             if int(d.num_workers) > 0:

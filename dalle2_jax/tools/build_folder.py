@@ -5,7 +5,16 @@
 Captions come from `IMAGES/captions.jsonl` (`{"file": "a/b.png", "caption": "..."}` per line) or from a
 `.txt` beside each image. Then train on it with
 `--config.data.name=image_folder_captions/<config> --config.data.image_key=image --config.data.data_dir=DATA`
-(the command prints the exact overrides). Unreadable files are skipped and listed in the build report.
+(the command prints the exact overrides).
+
+No single bad file stops the build. Grayscale, transparent, palette, CMYK and 16-bit/float images are
+converted to 8-bit RGB, images longer than `--max_side` (default 4096; 0 = keep every size) are
+downscaled, captions longer than `--max_caption_chars` (default 1000) are cut and invalid UTF-8 in a
+caption is replaced with U+FFFD. Zero-byte, corrupt or truncated files, images of more than `--max_pixels`
+pixels (default PIL's limit, about 89.5M; read from the header, never decoded), images without a caption
+and unparseable captions.jsonl lines are skipped. Every conversion and skip is counted in the one-line
+summary and listed (file, reason, detail) in `build_report.json` beside the data set; see
+dalle2_jax/data/image_folder.py for the reasons.
 """
 
 from __future__ import annotations
@@ -20,7 +29,13 @@ def define_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_string("data_dir", None, "TFDS data dir to write into.", flag_values=fv)
     flags.DEFINE_string("name", "default", "Name of this data set (the builder config).", flag_values=fv)
     flags.DEFINE_float("test_fraction", 0.0, "Fraction of images held out as the test split.", flag_values=fv)
-    flags.DEFINE_integer("max_side", None, "Downscale images whose longer side exceeds this.", flag_values=fv)
+    flags.DEFINE_integer("max_side", None, "Downscale images whose longer side exceeds this (default 4096; 0 = "
+                         "never). A non-default value is part of the config name (_max<N>).", flag_values=fv)
+    flags.DEFINE_integer("max_pixels", None, "Skip images with more pixels than this (default PIL's "
+                         "MAX_IMAGE_PIXELS, 89478485). A non-default value is part of the config name (_px<N>).",
+                         flag_values=fv)
+    flags.DEFINE_integer("max_caption_chars", None, "Cut captions longer than this many characters (default "
+                         "1000). A non-default value is part of the config name (_cap<N>).", flag_values=fv)
 
 
 def main(fv: flags.FlagValues) -> None:
@@ -29,7 +44,8 @@ def main(fv: flags.FlagValues) -> None:
     from dalle2_jax.data.image_folder import prepare_image_folder
 
     try:
-        builder = prepare_image_folder(fv.folder, fv.data_dir, fv.name, fv.test_fraction, fv.max_side)
+        builder = prepare_image_folder(fv.folder, fv.data_dir, fv.name, fv.test_fraction, fv.max_side,
+                                       fv.max_pixels, fv.max_caption_chars)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

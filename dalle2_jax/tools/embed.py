@@ -14,12 +14,15 @@ The data set is the CLIP workdir's (config.data), unless overridden with --data_
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 import numpy as np
 from absl import flags
 
 from dalle2_jax.cli_util import exit_on_errors, run_program
+
+log = logging.getLogger("dalle2_jax")
 
 
 def define_flags(fv: flags.FlagValues) -> None:
@@ -95,9 +98,11 @@ def embed_split(clip_workdir: str, out: str, split: str = "train", batch_size: i
     # array_record writes local files only: a gs:// `out` gets the file copied up when it is complete
     with fileio.staged_output(out) as local_dir:
         os.makedirs(local_dir, exist_ok=True)
-        _write_embeddings(os.path.join(local_dir, name), embed, params, source, mine, tok, data_cfg, batch_size)
+        skipped = _write_embeddings(os.path.join(local_dir, name), embed, params, source, mine, tok, data_cfg,
+                                    batch_size)
     path = fileio.join(out, name)
-    summary = {"split": split, "records": int(len(mine)), "file": path, "clip_step": info["step"],
+    summary = {"split": split, "records": int(len(mine)) - len(skipped), "skipped_undecodable": skipped,
+               "file": path, "clip_step": info["step"],
                "clip_params": info["params"]}
     if p == 0:
         fileio.write_text(fileio.join(out, "embed_info.json"), json.dumps(
@@ -106,17 +111,30 @@ def embed_split(clip_workdir: str, out: str, split: str = "train", batch_size: i
     return summary
 
 
-def _write_embeddings(path: str, embed, params, source, mine: np.ndarray, tok, data_cfg, batch_size: int) -> None:
-    """Embeds the records `mine` of `source` in batches into the array_record file `path`."""
+def _write_embeddings(path: str, embed, params, source, mine: np.ndarray, tok, data_cfg, batch_size: int
+                      ) -> list[int]:
+    """Embeds the records `mine` of `source` in batches into the array_record file `path`; returns the
+    indices of the records left out because their image cannot be decoded (each logged)."""
     from array_record.python.array_record_module import ArrayRecordWriter
 
     from dalle2_jax.data import pipeline
 
     writer = ArrayRecordWriter(path, "group_size:1")
+    skipped: list[int] = []
     for start in range(0, len(mine), batch_size):
         idx = mine[start: start + batch_size]
-        recs = source.__getitems__([int(i) for i in idx])
-        images = np.stack([pipeline.decode_image(r[data_cfg.image_key], data_cfg.resolution) for r in recs])
+        recs, decoded, kept = source.__getitems__([int(i) for i in idx]), [], []
+        for i, r in zip(idx, recs):
+            try:
+                decoded.append(pipeline.decode_image(r[data_cfg.image_key], data_cfg.resolution))
+                kept.append((i, r))
+            except Exception as e:  # noqa: BLE001 - any decode error makes the record unusable
+                skipped.append(int(i))
+                log.warning("%s: record %d left out, its image cannot be decoded: %r", data_cfg.name, int(i), e)
+        if not kept:
+            continue
+        idx, recs = np.asarray([i for i, _ in kept]), [r for _, r in kept]
+        images = np.stack(decoded)
         tokens = tok.encode_batch([pipeline._as_text(r[data_cfg.text_key]) for r in recs])
         k = len(idx)
         if k < batch_size:  # one compiled shape
@@ -127,6 +145,7 @@ def _write_embeddings(path: str, embed, params, source, mine: np.ndarray, tok, d
             writer.write(serialize({"index": np.int64(idx[j]), "image_emb": img[j], "text_emb": txt[j],
                                     "token_states": states[j], "tokens": tokens[j]}))
     writer.close()
+    return skipped
 
 
 def main(fv: flags.FlagValues) -> None:

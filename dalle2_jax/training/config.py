@@ -31,6 +31,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval_every = 0  # 0 = only at the end
     c.checkpoint_every = 500
     c.keep_checkpoints = 3
+    # steps whose loss or gradients are NaN/Inf are skipped; this many in a row stop the run (exit 1)
+    c.max_consecutive_nonfinite = 20
     c.init_from = ""  # params-only start from another workdir of the same stage
     c.clip_workdir = ""  # the frozen CLIP (prior, decoder)
     c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
@@ -88,6 +90,11 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
             raise ConfigError(key, f"must be >= 0 (0 = off/only at the end), got {config[key]}")
     if config.log_every == 0:
         raise ConfigError("log_every", "must be >= 1")
+    if int(config.get("max_consecutive_nonfinite", 1)) < 1:
+        raise ConfigError("max_consecutive_nonfinite", f"must be >= 1, got {config.max_consecutive_nonfinite}")
+    if int(config.get("keep_checkpoints", 1)) < 1:
+        raise ConfigError("keep_checkpoints", f"must be >= 1 (older ones are the fallback for a damaged "
+                          f"newest checkpoint; 2 or more is wise), got {config.keep_checkpoints}")
     opt = config.optimizer
     if not opt.learning_rate > 0:
         raise ConfigError("optimizer.learning_rate", f"must be > 0, got {opt.learning_rate}")

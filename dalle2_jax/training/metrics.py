@@ -10,10 +10,12 @@ import numpy as np
 class MetricWriter:
     """Writes scalars and images to TensorBoard event files in `logdir`.
 
+    `purge_step`: a resumed run passes the step after the one it resumed from, and TensorBoard hides the
+    events an interrupted run wrote from that step on (its curves show each step once).
     A remote `logdir` (gs://...) gets its event file written locally and copied up after every flush
     (fileio), so TensorBoard pointed at the bucket follows the run."""
 
-    def __init__(self, logdir: str):
+    def __init__(self, logdir: str, purge_step: int | None = None):
         from tensorboardX import SummaryWriter
 
         from dalle2_jax import fileio
@@ -26,7 +28,7 @@ class MetricWriter:
         else:
             self._local = fileio.resolve(logdir)
             fileio.makedirs(self._local)
-        self._w = SummaryWriter(self._local)
+        self._w = SummaryWriter(self._local, purge_step=purge_step)
 
     def _flush(self) -> None:
         self._w.flush()

@@ -83,6 +83,11 @@ def init_train_state(params: Any, tx: optax.GradientTransformation, use_ema: boo
                       ema_params=jax.tree.map(jnp.copy, params) if use_ema else None)
 
 
+def keep_if_not(ok: jax.Array, new: Any, old: Any) -> Any:
+    """`new` where the scalar `ok` is true, else `old`, leaf by leaf (None subtrees stay None)."""
+    return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+
+
 LossFn = Callable[[Any, dict, jax.Array, Any], tuple[jax.Array, dict]]
 
 
@@ -139,7 +144,8 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, config,
     """The generic step: grads of `loss_fn(params, batch, rng, frozen)`, an optimizer update, the EMA.
 
     The step's randomness is `fold_in(base_key, step)`, so a resumed run draws what an uninterrupted
-    one would. `optimizer.grad_accum_steps` > 1 accumulates gradients over that many microbatches.
+    one would. A step whose loss or gradient norm is not finite is not applied (metric `nonfinite` = 1).
+    `optimizer.grad_accum_steps` > 1 accumulates gradients over that many microbatches.
     Returns (new_state, metrics) with scalar float32 metrics, including grad_norm and lr.
     """
     schedule = learning_rate_schedule(config)
@@ -149,10 +155,17 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, config,
     def train_step(state: TrainState, batch: dict, frozen: Any, base_key: jax.Array):
         rng = jax.random.fold_in(base_key, state.step)
         (loss, metrics), grads = loss_and_grads(loss_fn, state.params, batch, rng, frozen, accum)
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         ema = ema_update(state.ema_params, params, state.step, ema_decay) if state.ema_params is not None else None
-        metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads), lr=schedule(state.step))
+        # Non-finite guard: a step whose loss or gradients are NaN/Inf leaves params, optimizer state and
+        # EMA as they were (the step counter still advances: the batch is consumed, the next step draws anew).
+        params, opt_state, ema = keep_if_not(finite, (params, opt_state, ema),
+                                             (state.params, state.opt_state, state.ema_params))
+        metrics = dict(metrics, loss=loss, grad_norm=grad_norm, lr=schedule(state.step),
+                       nonfinite=1.0 - finite.astype(jnp.float32))
         metrics = {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema), metrics
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from typing import Any
 
@@ -22,7 +21,9 @@ from dalle2_jax import fileio
 from dalle2_jax.stages import get_stage_class
 from dalle2_jax.training import checkpoint as ckpt
 from dalle2_jax.training.config import ConfigError, config_to_json, validate_config
+from dalle2_jax.training.errors import TrainingStopped
 from dalle2_jax.training.metrics import MetricWriter, format_progress
+from dalle2_jax.training.preemption import PreemptionWatch
 from dalle2_jax.training.partitioning import (LOGICAL_RULES, batch_sharding, global_batch, logical_shardings,
                                               make_mesh, replicated, strip_boxes)
 from dalle2_jax.training.state import init_train_state, make_optimizer, make_train_step
@@ -99,6 +100,7 @@ class Run:
         self._jitted = {}
 
         def run_step(state, batch):
+            batch = {k: v for k, v in batch.items() if k != "bad_records"}  # a host-side count, not an input
             # one compiled function per batch signature (one in training): no recompilation per step
             sig = tuple(sorted((k, v.shape) for k, v in batch.items()))
             if sig not in self._jitted:
@@ -125,32 +127,24 @@ def jit_train_step(stage, tx, config, mesh, state_shardings: Any, batch_ndims: d
                    out_shardings=(state_shardings, rep), donate_argnums=(0,))
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def _write_config(config, workdir: str) -> None:
-    """Writes config.json; on resume, logs the run keys that changed and refuses a changed stage/model."""
+    """Writes config.json; on resume, logs the run keys that changed and refuses a changed stage/model,
+    naming every key that differs."""
     path = fileio.join(workdir, "config.json")
     if fileio.exists(path):
-        old = _flatten(json.loads(config_to_json(ckpt.read_config(workdir))))
-        new = _flatten(json.loads(config_to_json(config)))
-        changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-        fixed = [k for k in changed if k == "stage" or k.startswith("model.")]
+        old = json.loads(config_to_json(ckpt.read_config(workdir)))
+        new = json.loads(config_to_json(config))
+        fixed = ckpt.fixed_key_changes(old, new)
         if fixed:
-            raise ConfigError(fixed[0], f"differs from the one this workdir was trained with ({path}): "
-                              f"{old.get(fixed[0])!r} -> {new.get(fixed[0])!r}; use a new workdir, or "
-                              "config.init_from to start from its params")
+            raise ConfigError(fixed[0].split(":")[0], f"this workdir ({path}) was trained with another stage or "
+                              f"model: {'; '.join(fixed[:10])}{'; ...' if len(fixed) > 10 else ''}; use a new "
+                              "workdir, or config.init_from to start from its params")
+        a, b = ckpt.flat_config(old), ckpt.flat_config(new)
+        changed = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
         if changed:
             log.warning("resuming with changed config keys: %s", ", ".join(changed))
             print("resuming with changed config keys: " + ", ".join(
-                f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in changed), flush=True)
+                f"{k} {a.get(k)!r} -> {b.get(k)!r}" for k in changed), flush=True)
     if jax.process_index() == 0:
         fileio.write_text(path, config_to_json(config))
 
@@ -201,11 +195,16 @@ def evaluate_and_report(run: Run, params: Any, step: int, params_kind: str, writ
     return result
 
 
-def train(config, workdir: str) -> dict:
-    """Trains `config.stage` in `workdir` until config.total_steps, resuming if the workdir has a
-    checkpoint. Returns the last logged training metrics and the final evaluation (if any)."""
-    validate_config(config)
-    workdir = fileio.resolve(workdir)
+def _global_sum(value: int) -> int:
+    """Sum of a per-process count over all processes (every process must call it at the same point)."""
+    if jax.process_count() == 1:
+        return int(value)
+    from jax.experimental import multihost_utils
+
+    return int(np.sum(multihost_utils.process_allgather(np.asarray(value, np.int64))))
+
+
+def _check_writable(workdir: str) -> None:
     try:
         fileio.makedirs(workdir)
         probe = fileio.path(fileio.join(workdir, f".write_test_{jax.process_index()}"))
@@ -213,24 +212,44 @@ def train(config, workdir: str) -> dict:
         probe.unlink()
     except (OSError, ImportError) as e:  # ImportError: the URI's filesystem package (gcsfs) is missing
         raise ConfigError("workdir", f"cannot write to {workdir!r} ({e}); choose a writable directory") from e
+
+
+def train(config, workdir: str) -> dict:
+    """Trains `config.stage` in `workdir` until config.total_steps, resuming from the newest intact
+    checkpoint of the workdir (state, EMA, RNG position, data iterator and counters).
+
+    A SIGTERM (or JAX's preemption sync point, multi-process) ends the run after the current step with a
+    synchronous checkpoint. Steps with a non-finite loss or gradients are skipped and counted;
+    `config.max_consecutive_nonfinite` of them in a row raise TrainingStopped. Returns the last logged
+    training metrics, the final evaluation (if any), the step reached and whether the run was preempted.
+    """
+    validate_config(config)
+    workdir = fileio.resolve(workdir)
+    _check_writable(workdir)
     _write_config(config, workdir)
     _check_workdir_shared(workdir)
     t_start = time.time()
     run = Run(config, workdir)
     is_chief = jax.process_index() == 0
-    writer = MetricWriter(fileio.join(workdir, "tensorboard")) if is_chief else None
+    writer = None
     mngr = ckpt.make_manager(workdir, max_to_keep=int(config.keep_checkpoints))
+    max_bad_streak = int(config.get("max_consecutive_nonfinite", 20))
 
     local_bs = config.batch_size // jax.process_count()
     data_iter = None
+    watch = PreemptionWatch()
     try:
+        watch.__enter__()
         data_iter = iter(run.stage.train_iterator(local_bs, jax.process_index(), jax.process_count()))
-        latest = mngr.latest_step()
-        meta = {"step": 0, "examples_seen": 0, "wall_time_s": 0.0, "stage": config.stage}
-        if latest is not None:
-            state, meta = ckpt.restore(mngr, latest, run.abstract_state, data_iter)
+        found = ckpt.restore_newest_intact(mngr, run.abstract_state, data_iter, config,
+                                           move_damaged_to=fileio.join(workdir, ckpt.DAMAGED_DIR))
+        latest = None
+        meta: dict = {}
+        if found is not None:
+            latest, state, meta = found
             log.info("resumed from %s at step %d", ckpt.checkpoint_dir(workdir), latest)
-            print(f"resuming from step {latest} ({ckpt.checkpoint_dir(workdir)})", flush=True)
+            print(f"resuming from step {latest} ({ckpt.checkpoint_dir(workdir)}; {int(meta.get('examples_seen', 0)):,} "
+                  f"examples seen, {float(meta.get('wall_time_s', 0.0)) / 3600:.3f} wall hours)", flush=True)
         else:
             state = run.init_state()
             if config.init_from:
@@ -240,16 +259,51 @@ def train(config, workdir: str) -> dict:
         step = int(jax.device_get(state.step))
         total = int(config.total_steps)
         if is_chief:
+            # purge_step: TensorBoard hides what an interrupted run logged after the step resumed from
+            writer = MetricWriter(fileio.join(workdir, "tensorboard"), purge_step=step + 1)
             print(f"{config.stage}: {run.num_params():,} params, mesh {dict(run.mesh.shape)}, global batch "
                   f"{config.batch_size}, steps {step}->{total}, workdir {workdir}", flush=True)
 
-        wall_before = float(meta.get("wall_time_s", 0.0))
+        wall_before = float(meta.get("wall_time_s", meta.get("wall_time", 0.0)))
         examples = int(meta.get("examples_seen", 0))
+        nonfinite_total = int(meta.get("nonfinite_steps", 0))
+        bad_records_before = int(meta.get("bad_records", 0))
+        bad_records_local = 0  # this process, this session
+        bad_streak: list[int] = []  # the current run of consecutive non-finite steps
         session_start = time.time()
         last_log_time, last_log_step = None, step
-        pending = None
+        pending = None  # (step, metrics) of the last logged step, fetched one step later
+        unchecked = None  # (step, metrics) of the previous step, whose finiteness is checked one step later
         last_metrics: dict = {}
         eval_result: dict | None = None
+        preempted = False
+
+        def wall_time() -> float:
+            return wall_before + time.time() - session_start
+
+        def check_finite(item) -> None:
+            nonlocal nonfinite_total
+            if item is None:
+                return
+            s, m = item
+            if not float(jax.device_get(m["nonfinite"])):
+                bad_streak.clear()
+                return
+            nonfinite_total += 1
+            bad_streak.append(s)
+            loss, gnorm = (float(x) for x in jax.device_get((m["loss"], m["grad_norm"])))
+            msg = (f"step {s}: non-finite loss or gradients (loss {loss}, grad_norm {gnorm}); update skipped "
+                   f"({len(bad_streak)} in a row, limit {max_bad_streak}; {nonfinite_total} in all)")
+            log.warning(msg)
+            if is_chief:
+                print("warning: " + msg, flush=True)
+            if len(bad_streak) >= max_bad_streak:
+                good = mngr.latest_step()
+                raise TrainingStopped(
+                    f"{len(bad_streak)} consecutive steps ({bad_streak[0]}..{bad_streak[-1]}) had a non-finite loss "
+                    f"or gradients; stopped. The last good checkpoint is step {good} in "
+                    f"{ckpt.checkpoint_dir(workdir)}. Lower optimizer.learning_rate or raise optimizer.warmup_steps, "
+                    "check the data, or raise config.max_consecutive_nonfinite")
 
         def flush_pending():
             nonlocal pending, last_log_time, last_log_step, last_metrics
@@ -258,55 +312,94 @@ def train(config, workdir: str) -> dict:
             p_step, p_metrics = pending
             pending = None
             values = {k: float(v) for k, v in jax.device_get(p_metrics).items()}
+            values.pop("nonfinite", None)
             now = time.time()
             rate = (p_step - last_log_step) / (now - last_log_time) if last_log_time and now > last_log_time else 0.0
             last_log_time, last_log_step = now, p_step
-            values_tb = dict(values)
+            counters = {"nonfinite_steps": nonfinite_total, "bad_records": bad_records_before + _global_sum(
+                bad_records_local)}
+            seen = examples - (step - p_step) * config.batch_size  # at the logged step, not the newest one
+            values_tb = dict(values, **counters, examples_seen=seen, wall_hours=wall_time() / 3600)
             if rate:
                 values_tb["steps_per_sec"] = rate
                 values_tb["examples_per_sec"] = rate * config.batch_size
-            last_metrics = dict(values, step=p_step, steps_per_sec=rate)
+            last_metrics = dict(values, **counters, step=p_step, steps_per_sec=rate)
             if is_chief:
                 writer.scalars(p_step, {f"train/{k}": v for k, v in values_tb.items()})
-                print(format_progress(p_step, total, values, rate), flush=True)
-            if not all(math.isfinite(v) for v in values.values()):
-                log.warning("non-finite metrics at step %d: %s", p_step, values)
+                shown = dict(values, **{k: v for k, v in counters.items() if v})
+                print(format_progress(p_step, total, shown, rate), flush=True)
 
         config_json = json.loads(config_to_json(config))
 
         def current_meta():
-            return {"step": step, "examples_seen": examples, "stage": config.stage,
-                    "wall_time_s": wall_before + time.time() - session_start, "config": config_json}
+            return {"step": step, "examples_seen": examples, "stage": config.stage, "wall_time_s": wall_time(),
+                    "nonfinite_steps": nonfinite_total, "bad_records": bad_records_before + _global_sum(
+                        bad_records_local), "config": config_json}
+
+        def save(force: bool = False) -> None:
+            ckpt.save(mngr, step, state, current_meta(), data_iter, force=force)
 
         while step < total:
-            batch = global_batch(next(data_iter), run.mesh)
+            local = next(data_iter)
+            bad = local.pop("bad_records", None) if isinstance(local, dict) else None
+            if bad is not None and int(np.sum(bad)):
+                bad_records_local += int(np.sum(bad))
+                log.warning("step %d: %d undecodable records skipped in this batch (%d by this process so far)",
+                            step + 1, int(np.sum(bad)), bad_records_local)
+            batch = global_batch(local, run.mesh)
             state, metrics = step_fn(state, batch)
             step += 1
             examples += config.batch_size
-            flush_pending()  # the previous logged step's metrics: fetched after this step is dispatched
+            check_finite(unchecked)  # the previous step's flag: fetched after this step is dispatched
+            unchecked = (step, metrics)
+            flush_pending()  # the previous logged step's metrics, likewise one step behind
             if last_log_time is None:
                 last_log_time, last_log_step = time.time(), step  # rates exclude the first (compiling) step
             if step % config.log_every == 0 or step == total:
                 pending = (step, metrics)
+            if watch.reached(step):
+                check_finite(unchecked)
+                unchecked = None
+                flush_pending()
+                if mngr.latest_step() != step:
+                    save(force=True)
+                mngr.wait_until_finished()
+                preempted = True
+                msg = (f"{watch.signal_name or 'preemption'} received: saved checkpoint {step} synchronously "
+                       f"({ckpt.checkpoint_dir(workdir)}); run the same command to resume")
+                log.warning(msg)
+                if is_chief:
+                    print(msg, flush=True)
+                break
             if config.checkpoint_every and step % config.checkpoint_every == 0 and step < total:
-                ckpt.save(mngr, step, state, current_meta(), data_iter)
+                check_finite(unchecked)  # a save is a sync point anyway
+                unchecked = None
+                if bad_streak:
+                    log.warning("step %d: checkpoint postponed, the last %d steps were non-finite", step,
+                                len(bad_streak))
+                else:
+                    save()
             if config.eval_every and step % config.eval_every == 0 and step < total:
                 flush_pending()
                 eval_result = _evaluate_state(run, state, step, writer)
-        flush_pending()
-        if mngr.latest_step() != step:
-            ckpt.save(mngr, step, state, current_meta(), data_iter, force=True)
-        mngr.wait_until_finished()
-        if latest is None or latest < total:
-            eval_result = _evaluate_state(run, state, step, writer)
+        if not preempted:
+            check_finite(unchecked)
+            flush_pending()
+            if mngr.latest_step() != step:
+                save(force=True)
+            mngr.wait_until_finished()
+            report = fileio.join(run.workdir, "reports", f"eval_{step}.json")
+            if not fileio.exists(report):  # also after a run killed between its last save and evaluation
+                eval_result = _evaluate_state(run, state, step, writer)
     finally:  # release the grain workers, flush async checkpoints and event files, even on errors
+        watch.__exit__(None, None, None)
         mngr.close()
         if writer is not None:
             writer.close()
         if data_iter is not None and hasattr(data_iter, "close"):
             data_iter.close()
     log.info("training took %.1fs", time.time() - t_start)
-    return {"train": last_metrics, "eval": eval_result}
+    return {"train": last_metrics, "eval": eval_result, "step": step, "preempted": preempted}
 
 
 def _evaluate_state(run: Run, state, step: int, writer) -> dict:
@@ -324,10 +417,14 @@ def _init_from(run: Run, state, source_workdir: str):
     if src_config.stage != run.config.stage:
         raise ConfigError("init_from", f"{source_workdir!r} is a {src_config.stage!r} workdir, this run trains "
                           f"{run.config.stage!r}")
-    want = jax.tree.map(lambda x: (x.shape, str(x.dtype)), run.abstract_state.params)
-    got = jax.tree.map(lambda x: (x.shape, str(x.dtype)), params)
-    if jax.tree.structure(want) != jax.tree.structure(got) or jax.tree.leaves(want) != jax.tree.leaves(got):
-        raise ConfigError("init_from", f"the params in {source_workdir!r} do not match this config's model")
+    try:
+        ckpt.check_compatible({}, params, run.abstract_state.params, None, source_workdir)
+    except ckpt.CheckpointMismatch as e:
+        raise ConfigError("init_from", str(e).split(": ", 1)[1]) from None
+    want = jax.tree.map(lambda x: str(x.dtype), run.abstract_state.params)
+    got = jax.tree.map(lambda x: str(x.dtype), params)
+    if jax.tree.leaves(want) != jax.tree.leaves(got):
+        raise ConfigError("init_from", f"the params in {source_workdir!r} have other dtypes than this config's")
     params = jax.device_put(params, run.state_shardings.params)
     ema = jax.tree.map(lambda x: x.copy(), params) if state.ema_params is not None else None
     print(f"initialised params from {source_workdir} (step {info['step']}, {info['params']} params)", flush=True)
