@@ -181,10 +181,9 @@ def _env(cache_dir: str) -> dict:
     return env
 
 
-def _run_job(name: str, root: str, workdir: str, data_dir: str, steps: list[int], processes: int,
-             devices_per_process: int, timeout: float = 900) -> list[dict]:
-    """Starts `processes` workers (tests/multihost_worker.py) and waits for all of them; on a failure or
-    a timeout kills the rest and fails with their logs. Returns each process's output and its stdout."""
+def _start_job(name: str, root: str, workdir: str, data_dir: str, steps: list[int], processes: int,
+               devices_per_process: int) -> tuple[list, list[str], list[str]]:
+    """Starts `processes` workers (tests/multihost_worker.py); returns (Popen objects, log files, output files)."""
     port = _free_port()
     procs, logs, outs = [], [], []
     for p in range(processes):
@@ -199,6 +198,12 @@ def _run_job(name: str, root: str, workdir: str, data_dir: str, steps: list[int]
                                           stderr=subprocess.STDOUT))
         logs.append(log)
         outs.append(out)
+    return procs, logs, outs
+
+
+def _wait_job(name: str, procs: list, logs: list[str], outs: list[str], timeout: float = 900) -> list[dict]:
+    """Waits for all workers; on a failure or a timeout kills the rest and fails with their logs. Returns
+    each process's output and its stdout."""
     deadline = time.time() + timeout
     try:
         while any(p.poll() is None for p in procs):
@@ -222,6 +227,13 @@ def _run_job(name: str, root: str, workdir: str, data_dir: str, steps: list[int]
         with open(out) as f:
             results.append(dict(json.load(f), stdout=open(log).read()))
     return results
+
+
+def _run_job(name: str, root: str, workdir: str, data_dir: str, steps: list[int], processes: int,
+             devices_per_process: int, timeout: float = 900) -> list[dict]:
+    """Starts the workers (see _start_job) and waits for all of them (see _wait_job)."""
+    return _wait_job(name, *_start_job(name, root, workdir, data_dir, steps, processes, devices_per_process),
+                     timeout=timeout)
 
 
 def _event_files(workdir: str) -> list[str]:
@@ -330,3 +342,28 @@ def test_two_processes_resume_exactly_like_one(multihost_runs):
     logged_multi, logged_single = _logged(multi), _logged(single)
     np.testing.assert_allclose(logged_multi[6], logged_single[6], rtol=1e-5)
     _assert_params_close(multi, single, 6)
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_process_stops_every_process_at_the_same_step(shapes_data_dir, tmp_path):
+    """JAX's preemption service: a SIGTERM to process 1 alone reaches process 0 through the coordination
+    service; both stop at the same sync step, save it together (exit 0), and the rerun resumes there."""
+    import signal
+
+    root, workdir = str(tmp_path), str(tmp_path / "w")
+    procs, logs, outs = _start_job("pre", root, workdir, shapes_data_dir, [200], 2, 2)
+    deadline = time.time() + 600
+    while "step 4/200" not in open(logs[0]).read():
+        assert time.time() < deadline and all(p.poll() is None for p in procs), open(logs[0]).read()[-3000:]
+        time.sleep(0.2)
+    procs[1].send_signal(signal.SIGTERM)
+    first = _wait_job("pre", procs, logs, outs)
+    saved = [o["results"][0]["step"] for o in first]
+    assert all(o["results"][0]["preempted"] for o in first) and saved[0] == saved[1] < 200, saved
+    assert f"received: saved checkpoint {saved[0]} synchronously" in first[0]["stdout"]
+    for p in range(2):
+        with open(os.path.join(workdir, "checkpoints", str(saved[0]), "data", f"process_{p}-of-2.json")) as f:
+            assert json.load(f)["next_index"] == saved[0]
+    second = _run_job("pre_resumed", root, workdir, shapes_data_dir, [saved[0] + 2], 2, 2)
+    assert all(f"resuming from step {saved[0]}" in o["stdout"] for o in second)
+    assert [o["results"][0]["step"] for o in second] == [saved[0] + 2] * 2

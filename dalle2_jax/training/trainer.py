@@ -71,10 +71,17 @@ class Run:
             self.stage, self.tx, config, self.mesh, self.init_rng)
 
     def init_state(self):
-        """A fresh state, created directly in its sharded layout (never whole on one device)."""
+        """A fresh state, created directly in its sharded layout (never whole on one device).
+
+        On CPU the init function is compiled with XLA's backend optimisation off: it runs once, and
+        optimising its thousands of random-number ops took most of its compile (23 s -> 7 s for the tests'
+        tiny decoder). Its values are then those of that compile (they differ from an optimised one in the
+        last bits), the same on every run."""
         with jax.set_mesh(self.mesh), nn.logical_axis_rules(LOGICAL_RULES):
-            return jax.jit(lambda k: nn.meta.unbox(self._init_fn(k)), out_shardings=self.state_shardings)(
-                self.init_rng)
+            init = jax.jit(lambda k: nn.meta.unbox(self._init_fn(k)), out_shardings=self.state_shardings)
+            if all(d.platform == "cpu" for d in self.mesh.devices.flat):
+                init = init.lower(self.init_rng).compile(compiler_options={"xla_backend_optimization_level": 0})
+            return init(self.init_rng)
 
     def num_params(self) -> int:
         return int(sum(np.prod(x.shape) for x in jax.tree.leaves(self.abstract_state.params)))
