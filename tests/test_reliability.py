@@ -192,6 +192,11 @@ def _half_written(workdir):
     shutil.rmtree(os.path.join(workdir, "checkpoints", "4", "meta"))
 
 
+def _garbage_data_item(workdir):
+    with open(os.path.join(workdir, "checkpoints", "4", "data", "process_0-of-1.json"), "w") as f:
+        f.write("{\"next_index\": 4, garbage")
+
+
 def _newer_empty_step(workdir):
     os.makedirs(os.path.join(workdir, "checkpoints", "6"))
 
@@ -201,6 +206,7 @@ def _newer_empty_step(workdir):
     (_delete_file, 4, "item 'state'"),
     (_garbage, 4, "checksum mismatch"),
     (_half_written, 4, "item 'meta'"),
+    (_garbage_data_item, 4, "item 'data'"),
     (_newer_empty_step, 6, "item 'meta'"),
 ])
 def test_damaged_newest_checkpoint_falls_back(trained_clip, tmp_path, damage, step, reason, caplog):
@@ -211,9 +217,11 @@ def test_damaged_newest_checkpoint_falls_back(trained_clip, tmp_path, damage, st
     damage(workdir)
     run = Run(ckpt.read_config(workdir), workdir, prepare=False)
     mngr = ckpt.make_manager(workdir)
-    found_step, state, meta = ckpt.restore_newest_intact(mngr, run.abstract_state, None, run.config,
-                                                         move_damaged_to=os.path.join(workdir, "damaged_checkpoints"))
     expect = 2 if step == 4 else 4
+    data_iter = iter(run.stage.train_iterator(16, 0, 1))
+    found_step, state, meta = ckpt.restore_newest_intact(mngr, run.abstract_state, data_iter, run.config,
+                                                         move_damaged_to=os.path.join(workdir, "damaged_checkpoints"))
+    assert data_iter.get_state()["next_index"] == expect  # the iterator stands where that checkpoint left it
     assert found_step == expect and meta["step"] == expect
     warning = [r.getMessage() for r in caplog.records if "is damaged" in r.getMessage()]
     assert len(warning) == 1 and f"checkpoints/{step} is damaged" in warning[0] and reason in warning[0]
@@ -304,3 +312,21 @@ def test_checksums_on_host_and_on_device_agree(monkeypatch):
     assert ckpt.fingerprint(changed)["f32"] != host["f32"]
     swapped = dict(tree, f32=tree["f32"][:, ::-1])  # same values, other positions
     assert ckpt.fingerprint(swapped)["f32"] != host["f32"]
+
+
+def test_trainer_counts_undecodable_records(trained_clip, shapes_data_dir, tmp_path, monkeypatch):
+    """Records whose image cannot be decoded: training goes on, and their count reaches the train() result,
+    TensorBoard and the checkpoint's meta (so it survives a resume)."""
+    from test_data_bad_records import _corrupt
+
+    from dalle2_jax.training.trainer import train
+    from tb_events import scalar_curves
+
+    _corrupt(monkeypatch, range(0, 256, 16))  # 16 of the 256 records
+    workdir = str(tmp_path / "w")
+    out = train(small_config(shapes_data_dir), workdir)
+    _, meta = _restore_meta(workdir)
+    curve = scalar_curves(os.path.join(workdir, "tensorboard"))["train/bad_records"]
+    # 4 steps x 16 rows = 64 records read, about 1 in 16 of them bad (the shuffle decides how many exactly)
+    assert meta["bad_records"] == out["train"]["bad_records"] == curve[4] > 0
+    assert curve[2] <= curve[4] <= 16
