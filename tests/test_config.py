@@ -26,6 +26,8 @@ def _cfg(**kw):
     ({"mesh.data": 3}, "mesh", "devices"),
     ({"mesh.fsdp": 0}, "mesh.fsdp", "positive"),
     ({"model.remat": "some"}, "model.remat", "remat"),
+    ({"profile.num_steps": 2, "profile.start_step": 0}, "profile.start_step", "compiling first step"),
+    ({"max_consecutive_nonfinite": 0}, "max_consecutive_nonfinite", ">= 1"),
 ])
 def test_bad_config_names_the_key(overrides, key, hint):
     with pytest.raises(ConfigError) as e:

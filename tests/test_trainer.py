@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 
@@ -80,8 +81,10 @@ def test_resume_continues_where_it_stopped(trained_clip, shapes_data_dir, tmp_pa
     from dalle2_jax.training.trainer import train
 
     workdir = str(tmp_path / "w")
-    train(small_config(shapes_data_dir, total_steps=2), workdir)
-    capsys.readouterr()
+    train(small_config(shapes_data_dir, total_steps=2, **{"profile.start_step": 2, "profile.num_steps": 1}), workdir)
+    assert "profiled steps 2..2: trace in" in capsys.readouterr().out  # and the trace does not change the run
+    traces = glob.glob(os.path.join(workdir, "tensorboard", "plugins", "profile", "*", "*.xplane.pb"))
+    assert len(traces) == 1 and os.path.getsize(traces[0]) > 1000
     train(small_config(shapes_data_dir, total_steps=4), workdir)
     out = capsys.readouterr().out
     assert "resuming from step 2" in out

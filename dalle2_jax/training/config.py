@@ -65,6 +65,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.num_workers = 2  # grain worker processes (0 = in-process)
     c.data.read_threads = 2
 
+    # a jax.profiler trace of steps start_step .. start_step + num_steps - 1 (num_steps 0 = off) into
+    # <workdir>/tensorboard/plugins/profile (training/profiling.py)
+    c.profile = ml_collections.ConfigDict({"start_step": 2, "num_steps": 0})
+
     c.eval = ml_collections.ConfigDict()
     c.eval.batch_size = 256
     c.eval.max_examples = 0  # 0 = the whole eval split
@@ -92,6 +96,12 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
         raise ConfigError("log_every", "must be >= 1")
     if int(config.get("max_consecutive_nonfinite", 1)) < 1:
         raise ConfigError("max_consecutive_nonfinite", f"must be >= 1, got {config.max_consecutive_nonfinite}")
+    prof = config.get("profile") or {}
+    if int(prof.get("num_steps", 0)) < 0:
+        raise ConfigError("profile.num_steps", f"must be >= 0 (0 = no trace), got {prof.get('num_steps')}")
+    if int(prof.get("num_steps", 0)) and int(prof.get("start_step", 0)) < 1:
+        raise ConfigError("profile.start_step", f"must be >= 1 (2 or later skips the compiling first step), got "
+                          f"{prof.get('start_step')}")
     if int(config.get("keep_checkpoints", 1)) < 1:
         raise ConfigError("keep_checkpoints", f"must be >= 1 (older ones are the fallback for a damaged "
                           f"newest checkpoint; 2 or more is wise), got {config.keep_checkpoints}")

@@ -24,6 +24,7 @@ from dalle2_jax.training.config import ConfigError, config_to_json, validate_con
 from dalle2_jax.training.errors import TrainingStopped
 from dalle2_jax.training.metrics import MetricWriter, format_progress
 from dalle2_jax.training.preemption import PreemptionWatch
+from dalle2_jax.training.profiling import StepProfiler
 from dalle2_jax.training.partitioning import (LOGICAL_RULES, batch_sharding, global_batch, logical_shardings,
                                               make_mesh, replicated, strip_boxes)
 from dalle2_jax.training.state import init_train_state, make_optimizer, make_train_step
@@ -245,6 +246,7 @@ def train(config, workdir: str) -> dict:
     local_bs = config.batch_size // jax.process_count()
     data_iter = None
     watch = PreemptionWatch()
+    profiler = None
     try:
         watch.__enter__()
         data_iter = iter(run.stage.train_iterator(local_bs, jax.process_index(), jax.process_count()))
@@ -346,7 +348,9 @@ def train(config, workdir: str) -> dict:
         def save(force: bool = False) -> None:
             ckpt.save(mngr, step, state, current_meta(), data_iter, force=force)
 
+        profiler = StepProfiler(config, fileio.join(workdir, "tensorboard"))
         while step < total:
+            profiler.before_step(step + 1)
             local = next(data_iter)
             bad = local.pop("bad_records", None) if isinstance(local, dict) else None
             if bad is not None and int(np.sum(bad)):
@@ -357,6 +361,7 @@ def train(config, workdir: str) -> dict:
             state, metrics = step_fn(state, batch)
             step += 1
             examples += config.batch_size
+            profiler.after_step(step, (state, metrics))
             check_finite(unchecked)  # the previous step's flag: fetched after this step is dispatched
             unchecked = (step, metrics)
             flush_pending()  # the previous logged step's metrics, likewise one step behind
@@ -399,6 +404,8 @@ def train(config, workdir: str) -> dict:
             if not fileio.exists(report):  # also after a run killed between its last save and evaluation
                 eval_result = _evaluate_state(run, state, step, writer)
     finally:  # release the grain workers, flush async checkpoints and event files, even on errors
+        if profiler is not None:
+            profiler.stop()
         watch.__exit__(None, None, None)
         mngr.close()
         if writer is not None:
