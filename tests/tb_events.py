@@ -28,9 +28,9 @@ def _records(path: str):
             yield data
 
 
-def scalar_curves(logdir: str) -> dict[str, dict[int, float]]:
-    """{tag: {step: value}} over all event files of `logdir` in the order they were written, purged at
-    restarts; a step logged twice after purging keeps its last value."""
+def scalar_events(logdir: str) -> list[tuple[str, int, float]]:
+    """(tag, step, value) of every scalar event of `logdir`'s files in the order they were written, less
+    those a later restart purged: a step that appears twice is one TensorBoard shows twice."""
     files = sorted(glob.glob(os.path.join(logdir, "events.out.tfevents.*")), key=os.path.getmtime)
     events: list[tuple[str, int, float]] = []
     for path in files:
@@ -41,7 +41,17 @@ def scalar_curves(logdir: str) -> dict[str, dict[int, float]]:
             for v in ev.summary.value:
                 if v.HasField("simple_value"):
                     events.append((v.tag, int(ev.step), float(v.simple_value)))
+    return events
+
+
+def logged_steps(logdir: str, tag: str) -> list[int]:
+    """The steps of `tag` as TensorBoard shows them, in order, repeats included."""
+    return [step for t, step, _ in scalar_events(logdir) if t == tag]
+
+
+def scalar_curves(logdir: str) -> dict[str, dict[int, float]]:
+    """{tag: {step: value}} as TensorBoard shows them (see scalar_events; a repeated step keeps its last value)."""
     curves: dict[str, dict[int, float]] = {}
-    for tag, step, value in events:
+    for tag, step, value in scalar_events(logdir):
         curves.setdefault(tag, {})[step] = value
     return curves

@@ -8,7 +8,6 @@ import glob
 import json
 import os
 import socket
-import struct
 import subprocess
 import sys
 import time
@@ -241,22 +240,10 @@ def _event_files(workdir: str) -> list[str]:
 
 
 def _logged(workdir: str, tag: str = "train/loss") -> dict[int, float]:
-    """{step: value} of a TensorBoard scalar over all the workdir's event files (TFRecord framing:
-    length u64, crc u32, Event proto, crc u32)."""
-    from tensorboardX.proto import event_pb2
+    """{step: value} of a TensorBoard scalar over all the workdir's event files."""
+    from tb_events import scalar_curves
 
-    out = {}
-    for path in _event_files(workdir):
-        data = open(path, "rb").read()
-        pos = 0
-        while pos + 12 <= len(data):
-            (n,) = struct.unpack("<Q", data[pos: pos + 8])
-            event = event_pb2.Event.FromString(data[pos + 12: pos + 12 + n])
-            pos += 12 + n + 4
-            for v in event.summary.value:
-                if v.tag == tag:
-                    out[int(event.step)] = float(v.simple_value)
-    return out
+    return scalar_curves(os.path.join(workdir, "tensorboard")).get(tag, {})
 
 
 @pytest.fixture(scope="module")

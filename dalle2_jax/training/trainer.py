@@ -282,7 +282,10 @@ def train(config, workdir: str) -> dict:
         session_start = time.time()
         last_log_time, last_log_step = None, step
         pending = None  # (step, metrics) of the last logged step, fetched one step later
-        unchecked = None  # (step, metrics) of the previous step, whose finiteness is checked one step later
+        # (step, metrics) of steps whose `nonfinite` flag the host has not read yet: read together every
+        # `check_every` steps, one step behind (no host round-trip per step), and before every save
+        unchecked: list = []
+        check_every = max(1, min(int(config.log_every), max_bad_streak))
         last_metrics: dict = {}
         eval_result: dict | None = None
         preempted = False
@@ -290,29 +293,32 @@ def train(config, workdir: str) -> dict:
         def wall_time() -> float:
             return wall_before + time.time() - session_start
 
-        def check_finite(item) -> None:
+        def check_finite(keep_newest: bool = False) -> None:
+            """Fetches the `nonfinite` flags of the unchecked steps in one transfer (all but the newest when
+            `keep_newest`: that one may still run), logs each skipped step and stops a long streak."""
             nonlocal nonfinite_total
-            if item is None:
-                return
-            s, m = item
-            if not float(jax.device_get(m["nonfinite"])):
-                bad_streak.clear()
-                return
-            nonfinite_total += 1
-            bad_streak.append(s)
-            loss, gnorm = (float(x) for x in jax.device_get((m["loss"], m["grad_norm"])))
-            msg = (f"step {s}: non-finite loss or gradients (loss {loss}, grad_norm {gnorm}); update skipped "
-                   f"({len(bad_streak)} in a row, limit {max_bad_streak}; {nonfinite_total} in all)")
-            log.warning(msg)
-            if is_chief:
-                print("warning: " + msg, flush=True)
-            if len(bad_streak) >= max_bad_streak:
-                good = mngr.latest_step()
-                raise TrainingStopped(
-                    f"{len(bad_streak)} consecutive steps ({bad_streak[0]}..{bad_streak[-1]}) had a non-finite loss "
-                    f"or gradients; stopped. The last good checkpoint is step {good} in "
-                    f"{ckpt.checkpoint_dir(workdir)}. Lower optimizer.learning_rate or raise optimizer.warmup_steps, "
-                    "check the data, or raise config.max_consecutive_nonfinite")
+            items = unchecked[:-1] if keep_newest else list(unchecked)
+            del unchecked[:len(items)]
+            flags = jax.device_get([m["nonfinite"] for _, m in items])
+            for (s, m), flag in zip(items, flags):
+                if not float(flag):
+                    bad_streak.clear()
+                    continue
+                nonfinite_total += 1
+                bad_streak.append(s)
+                loss, gnorm = (float(x) for x in jax.device_get((m["loss"], m["grad_norm"])))
+                msg = (f"step {s}: non-finite loss or gradients (loss {loss}, grad_norm {gnorm}); update skipped "
+                       f"({len(bad_streak)} in a row, limit {max_bad_streak}; {nonfinite_total} in all)")
+                log.warning(msg)
+                if is_chief:
+                    print("warning: " + msg, flush=True)
+                if len(bad_streak) >= max_bad_streak:
+                    good = mngr.latest_step()
+                    raise TrainingStopped(
+                        f"{len(bad_streak)} consecutive steps ({bad_streak[0]}..{bad_streak[-1]}) had a non-finite "
+                        f"loss or gradients; stopped. The last good checkpoint is step {good} in "
+                        f"{ckpt.checkpoint_dir(workdir)}. Lower optimizer.learning_rate or raise "
+                        "optimizer.warmup_steps, check the data, or raise config.max_consecutive_nonfinite")
 
         def flush_pending():
             nonlocal pending, last_log_time, last_log_step, last_metrics
@@ -362,16 +368,16 @@ def train(config, workdir: str) -> dict:
             step += 1
             examples += config.batch_size
             profiler.after_step(step, (state, metrics))
-            check_finite(unchecked)  # the previous step's flag: fetched after this step is dispatched
-            unchecked = (step, metrics)
+            unchecked.append((step, metrics))
+            if len(unchecked) > check_every:
+                check_finite(keep_newest=True)  # the steps before this one, which is already dispatched
             flush_pending()  # the previous logged step's metrics, likewise one step behind
             if last_log_time is None:
                 last_log_time, last_log_step = time.time(), step  # rates exclude the first (compiling) step
             if step % config.log_every == 0 or step == total:
                 pending = (step, metrics)
             if watch.reached(step):
-                check_finite(unchecked)
-                unchecked = None
+                check_finite()
                 flush_pending()
                 if mngr.latest_step() != step:
                     save(force=True)
@@ -384,8 +390,7 @@ def train(config, workdir: str) -> dict:
                     print(msg, flush=True)
                 break
             if config.checkpoint_every and step % config.checkpoint_every == 0 and step < total:
-                check_finite(unchecked)  # a save is a sync point anyway
-                unchecked = None
+                check_finite()  # a save is a sync point anyway
                 if bad_streak:
                     log.warning("step %d: checkpoint postponed, the last %d steps were non-finite", step,
                                 len(bad_streak))
@@ -395,7 +400,7 @@ def train(config, workdir: str) -> dict:
                 flush_pending()
                 eval_result = _evaluate_state(run, state, step, writer)
         if not preempted:
-            check_finite(unchecked)
+            check_finite()
             flush_pending()
             if mngr.latest_step() != step:
                 save(force=True)
