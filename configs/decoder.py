@@ -26,6 +26,7 @@ def unet_model_config() -> ml_collections.ConfigDict:
     m.resblock_updown = True  # BigGAN-style residual up/down blocks (False: strided conv / nearest + conv)
     m.groups = 32  # GroupNorm groups (fewer when the channels are not divisible)
     m.dtype = "float32"
+    m.patch_size = 1  # >1: fold p x p patches into channels at the input (space-to-depth; models/unet.py)
     m.remat = "none"  # none | full | dots_saveable | dots_with_no_batch_dims_saveable
     return m
 
@@ -40,7 +41,7 @@ RELEASED_CLIP_DECODERS = {
 
 
 def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
-    """The decoder config variant `arg` (tiny | base | paper)."""
+    """The decoder config variant `arg` (tiny | shapes | base | paper | clip512 | clip768 | clip1024)."""
     c = base_config()
     c.stage = "decoder"
     c.clip_workdir = ""  # required: a CLIP workdir (trained or imported)
@@ -94,6 +95,24 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         c.eval_every = 0  # at the end only: sampling is the slow part on CPU
         c.checkpoint_every = 250
         c.eval.max_examples = 128
+    elif arg == "shapes":
+        # The decoder of launch/shapes_recipe.sh (2 CPU cores, about an hour): 2x2 patches folded into
+        # channels, so the UNet runs at 32/16/8 px and is wide enough (64 channels, 2 blocks) to draw the
+        # shapes; attention at 16 and 8 px; v-prediction (the tiny eps model drew grey backgrounds); DDIM.
+        m.patch_size, m.channels, m.channel_mult, m.num_res_blocks = 2, 64, (1, 2, 2), 2
+        m.attention_resolutions = (16, 8)
+        m.dropout = 0.0
+        m.caption_width, m.caption_depth, m.caption_heads = 128, 1, 4
+        c.diffusion.model_output = "v"
+        c.diffusion.learned_variance = False
+        c.sampling.sampler = "ddim"
+        c.sampling.steps = 25
+        c.optimizer.ema_decay = 0.999
+        c.total_steps = 2000
+        c.log_every = 50
+        c.eval_every = 0
+        c.checkpoint_every = 250
+        c.eval.max_examples = 256
     elif arg == "base":
         m.channels, m.num_res_blocks, m.channel_mult = 192, 3, (1, 2, 3, 4)
         m.attention_resolutions, m.head_channels = (32, 16, 8), 64
@@ -151,6 +170,6 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         c.data.name = ""  # your prepared image-text TFDS data set (tools.build_folder)
         c.data.image_key = "image"
     else:
-        raise ValueError(f"unknown decoder config {arg!r}; use tiny, base, paper or one of "
+        raise ValueError(f"unknown decoder config {arg!r}; use tiny, shapes, base, paper or one of "
                          f"{sorted(RELEASED_CLIP_DECODERS)}")
     return c

@@ -23,6 +23,7 @@ COMMANDS = {
     "interpolate": ("dalle2_jax.generate:run_interpolate", "interpolate between two images' CLIP embeddings"),
     "edit": ("dalle2_jax.generate:run_edit", "text diff: move an image from one caption toward another"),
     "inpaint": ("dalle2_jax.generate:run_inpaint", "regenerate a masked region from a prompt"),
+    "shapes-report": ("dalle2_jax.tools.shapes_report", "quality report of a cascade trained on captioned_shapes"),
 }
 
 

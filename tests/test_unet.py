@@ -12,7 +12,7 @@ from dalle2_jax.models.unet import UNet
 
 
 @pytest.mark.parametrize("variant", [
-    "decoder:tiny", pytest.param("decoder:base", marks=pytest.mark.slow), "decoder:paper",
+    "decoder:tiny", "decoder:shapes", pytest.param("decoder:base", marks=pytest.mark.slow), "decoder:paper",
     # the upsamplers' paper counts take 7-8 s each to trace: slow (the tiny variants check the same code)
     "upsampler:tiny_64to256", pytest.param("upsampler:paper_64to256", marks=pytest.mark.slow),
     "upsampler:tiny_256to1024", pytest.param("upsampler:paper_256to1024", marks=pytest.mark.slow),
@@ -177,3 +177,39 @@ def test_upsampler_unet_is_size_agnostic_and_uses_the_low_res_input():
     assert float(jnp.abs(out - other).mean()) > 1e-3 and float(jnp.abs(out - noisier).mean()) > 1e-3
     with pytest.raises(ValueError, match="low_res"):
         model.apply(params, x32, jnp.array([3]), noise_level=jnp.array([0]))
+
+
+def test_patch_size_folds_patches_into_channels():
+    """space_to_depth / depth_to_space are inverses with each patch in one position; a patched UNet maps
+    [B, R, R, 3] to [B, R, R, 6] (learned sigma), its first conv sees p*p*3 channels, each output patch
+    depends on the input, and attention sits at the same image-pixel resolutions; bad sizes are refused."""
+    from configs.decoder import get_config
+
+    from dalle2_jax.models.unet import depth_to_space, space_to_depth
+    from dalle2_jax.stages import get_stage_class
+    from dalle2_jax.training.config import ConfigError
+
+    x = jnp.arange(2 * 4 * 4 * 3, dtype=jnp.float32).reshape(2, 4, 4, 3)
+    s = space_to_depth(x, 2)
+    assert s.shape == (2, 2, 2, 12)
+    np.testing.assert_array_equal(s[0, 1, 0].reshape(2, 2, 3), x[0, 2:4, 0:2])
+    np.testing.assert_array_equal(depth_to_space(s, 2), x)
+
+    model = _micro(patch_size=2, attention_resolutions=(8,))
+    inputs = _inputs()
+    params = _perturbed_params(model, inputs, 0)
+    assert params["params"]["in_conv"]["conv"]["kernel"].shape[2] == 12
+    assert params["params"]["out_conv"]["conv"]["kernel"].shape[3] == 24
+    assert any("attn" in k for k in params["params"])  # 8 px at image size 16 = the first level of a p=2 UNet
+    out = model.apply(params, **inputs)
+    assert out.shape == (2, 16, 16, 6)
+    x2 = inputs["x"].at[:, 8:10, 8:10].add(1.0)  # one 2x2 patch changed
+    assert not np.allclose(model.apply(params, **dict(inputs, x=x2)), out)
+
+    cfg = get_config("tiny")
+    cfg.model.patch_size = 3
+    with pytest.raises(ConfigError, match="patch_size"):
+        get_stage_class("decoder").validate_unet(cfg)
+    cfg.model.patch_size, cfg.model.attention_resolutions = 2, (64,)  # no 64 px feature map with 2x2 patches
+    with pytest.raises(ConfigError, match="attention_resolutions"):
+        get_stage_class("decoder").validate_unet(cfg)

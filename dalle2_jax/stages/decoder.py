@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dalle2_jax import diffusion as D, fileio
-from dalle2_jax.data import pipeline
+from dalle2_jax.data import pipeline, scenes as S
 from dalle2_jax.images import resize_square
 from dalle2_jax.models.clip import build_clip
 from dalle2_jax.models.unet import UNet
@@ -314,6 +314,12 @@ class DecoderStage(FrozenClipMixin, ImageDiffusionStage):
                         "heldout_color_acc": zs["heldout_color_acc"], "heldout_shape_acc": zs["heldout_shape_acc"],
                         "real_color_acc": real["zero_shot_color_acc"], "real_shape_acc": real["zero_shot_shape_acc"],
                         "num_single_object": zs["num_single_object"]})
+            from dalle2_jax import scene_checker  # pixel-level attributes of each sample
+
+            if samples.shape[1] == images.shape[1]:
+                px = scene_checker.attribute_accuracy(samples, [S.decode_scene(s) for s in scenes])
+                out.update({f"checker_{k}": px[k] for k in ("color_acc", "shape_acc", "size_acc", "relation_acc",
+                                                             "background_acc", "all_correct")})
         g = min(int(cfg.eval.grid_size), len(records))
         out["images"] = {"decoder": image_grid([images[:g], samples[:g]])}  # top: real, bottom: sampled
         return out

@@ -82,11 +82,15 @@ class ImageDiffusionStage(Stage):
             raise ConfigError("model.channel_mult", f"must be a non-empty tuple of positive ints, got {m.channel_mult}")
         levels = len(m.channel_mult)
         res = int(config.data.resolution)
+        patch = int(m.get("patch_size", 1))
+        if patch < 1 or res % (patch * 2 ** (levels - 1)):
+            raise ConfigError("model.patch_size", f"{patch}: data.resolution {res} must be divisible by patch_size "
+                              f"x 2^{levels - 1} (one halving per level after the first)")
         for r in m.attention_resolutions:
-            if int(r) <= 0 or res % int(r) or (res // int(r)) > 2 ** (levels - 1):
+            if int(r) <= 0 or res % int(r) or not patch <= res // int(r) <= patch * 2 ** (levels - 1):
                 raise ConfigError("model.attention_resolutions",
-                                  f"{r} is not a feature-map size of this UNet (data.resolution {res} halved up to "
-                                  f"{levels - 1} times)")
+                                  f"{r} is not a feature-map size of this UNet (data.resolution {res} / patch_size "
+                                  f"{patch}, halved up to {levels - 1} times)")
         if m.head_channels <= 0:
             raise ConfigError("model.head_channels", f"must be positive, got {m.head_channels}")
         if not 0.0 <= m.dropout < 1.0:
@@ -109,7 +113,7 @@ class ImageDiffusionStage(Stage):
                     dropout=float(m.dropout), scale_shift=bool(m.scale_shift),
                     resblock_updown=bool(m.resblock_updown), groups=int(m.groups),
                     learned_sigma=bool(self.config.diffusion.learned_variance), remat=m.remat,
-                    dtype=dtype_from_name(m.dtype))
+                    patch_size=int(m.get("patch_size", 1)), dtype=dtype_from_name(m.dtype))
 
     def build_diffusion(self) -> None:
         d = self.config.diffusion
