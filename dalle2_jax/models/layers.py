@@ -90,8 +90,22 @@ class LayerNorm(nn.Module):
         return y.astype(self.dtype)
 
 
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None,
+                          is_causal: bool = False) -> jax.Array:
+    """`jax.nn.dot_product_attention` on q [B, T, N, H], k/v [B, S, N, H] -> [B, T, N, H], with cuDNN's fused
+    flash attention on GPU where it takes the inputs (half-precision dtypes, its head sizes; it checks them
+    while tracing and raises otherwise) and XLA's implementation everywhere else. jax's own default
+    (`implementation=None`) is XLA on every backend, so the GPU path is chosen here."""
+    if jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
+        try:
+            return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal, implementation="cudnn")
+        except (ValueError, NotImplementedError, TypeError, RuntimeError):
+            pass  # a shape, dtype, mask or GPU generation cuDNN does not take: XLA's attention below
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal, implementation="xla")
+
+
 class MultiHeadAttention(nn.Module):
-    """Multi-head (self- or cross-) attention through `jax.nn.dot_product_attention`.
+    """Multi-head (self- or cross-) attention through `dot_product_attention` (cuDNN flash attention on GPU).
 
     Takes x [B, T, D] and optional context [B, S, Dc] (keys/values come from context when given,
     otherwise from x), an optional boolean mask broadcastable to [B, N, T, S] (True = attend) and
@@ -120,7 +134,7 @@ class MultiHeadAttention(nn.Module):
         q = nn.with_logical_constraint(q, ("batch", "length", "heads", "kv"))
         q, k, v = (checkpoint_name(q, "query_proj"), checkpoint_name(k, "key_proj"),
                    checkpoint_name(v, "value_proj"))
-        out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal)
+        out = dot_product_attention(q, k, v, mask=mask, is_causal=causal)
         out = checkpoint_name(out.reshape(out.shape[:-2] + (inner,)), "attention_out")
         return Dense(self.out_features or width, name="out", use_bias=self.use_bias, dtype=self.dtype,
                      axes=("heads", "embed"))(out)

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
-from dalle2_jax.models.layers import Dense, LayerNorm, timestep_embedding
+from dalle2_jax.models.layers import Dense, LayerNorm, dot_product_attention, timestep_embedding
 from dalle2_jax.models.transformer import REMAT_POLICIES, Transformer
 
 Dtype = Any
@@ -164,7 +164,7 @@ class AttentionBlock(nn.Module):
             k = jnp.concatenate([Dense(c, name="context_key", **proj)(ctx), k], axis=1)
             v = jnp.concatenate([Dense(c, name="context_value", **proj)(ctx), v], axis=1)
         split = lambda t: t.reshape(b, t.shape[1], heads, hd)  # noqa: E731
-        out = jax.nn.dot_product_attention(split(q), split(k), split(v))
+        out = dot_product_attention(split(q), split(k), split(v))
         out = Dense(c, axes=("heads", "embed"), dtype=self.dtype, kernel_init=_zeros_init(),
                     name="out")(out.reshape(b, hh * ww, c))
         return nn.with_logical_constraint(x + out.reshape(b, hh, ww, c), ACT_AXES)

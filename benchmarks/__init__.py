@@ -1,0 +1,1 @@
+"""Benchmarks: `python -m benchmarks.run` writes BENCHMARKS.md (see benchmarks/run.py)."""
