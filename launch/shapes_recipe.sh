@@ -7,7 +7,8 @@
 #
 # Every step resumes: rerunning the command after an interruption continues where it stopped (finished
 # stages return at once). Step counts can be changed through the environment, e.g. a smoke run:
-#   CLIP_STEPS=20 PRIOR_STEPS=20 DECODER_STEPS=10 UPSAMPLER_STEPS=10 REPORT_NUM=16 launch/shapes_recipe.sh /tmp/smoke
+#   CLIP_STEPS=20 PRIOR_STEPS=20 DECODER_STEPS=10 UPSAMPLER_STEPS=10 REPORT_NUM=16 \
+#     EXTRA_FLAGS=--config.optimizer.warmup_steps=1 launch/shapes_recipe.sh /tmp/smoke   # warm-ups must be < steps
 # EXTRA_FLAGS is appended to every train command (e.g. EXTRA_FLAGS="--config.data.data_dir=DATA"), EMBED_FLAGS
 # to the embed command; SKIP_REPORT=1 stops after the export (the report needs captioned_shapes' scenes).
 # OUTDIR/timings.tsv records the wall time of each step.
@@ -15,7 +16,7 @@ set -euo pipefail
 OUT=${1:?usage: launch/shapes_recipe.sh OUTDIR}
 CLIP_STEPS=${CLIP_STEPS:-2000}
 PRIOR_STEPS=${PRIOR_STEPS:-1000}
-DECODER_STEPS=${DECODER_STEPS:-2000}
+DECODER_STEPS=${DECODER_STEPS:-2500}
 UPSAMPLER_STEPS=${UPSAMPLER_STEPS:-400}
 REPORT_NUM=${REPORT_NUM:-256}
 DECODER_CONFIG=${DECODER_CONFIG:-configs/decoder.py:shapes}
