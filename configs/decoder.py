@@ -49,6 +49,10 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     m.dropout = 0.1
     m.image_tokens = 4  # extra context tokens projected from the CLIP image embedding
     m.normalize_embedding = True  # unit-normalise the CLIP image embedding before conditioning
+    # Multiply the (unit-norm) embedding by sqrt(embed dim) before its projections, so its components are
+    # O(1) like the timestep embedding's and the caption's: unscaled, a unit vector through a lecun-normal
+    # Dense gives outputs ~1/sqrt(E) of theirs, and the decoder learns to follow the embedding slowly.
+    m.scale_embedding = False
     m.image_drop_prob = 0.1  # for classifier-free guidance (a learned null embedding replaces it)
     m.caption_drop_prob = 0.5  # an all-padding caption replaces it
     # The caption transformer (GLIDE): depth 0 = no caption conditioning. Tokens come from the CLIP's
@@ -69,6 +73,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.diffusion.num_steps = 1000
     c.diffusion.model_output = "eps"
     c.diffusion.learned_variance = True  # Improved-DDPM hybrid loss; the sampler uses the learned variance
+    c.diffusion.min_snr_gamma = 0.0  # > 0: Min-SNR-gamma loss weighting (diffusion/gaussian.py); 0 = unweighted
 
     c.sampling = ml_collections.ConfigDict()
     c.sampling.sampler = "ddpm"  # ddpm (learned variance, as the paper) | ddim
@@ -104,6 +109,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         m.patch_size, m.channels, m.channel_mult, m.num_res_blocks = 4, 96, (1, 2), 2
         m.attention_resolutions = (16, 8)
         m.dropout = 0.0
+        m.scale_embedding = True
         m.caption_width, m.caption_depth, m.caption_heads = 128, 1, 4
         c.diffusion.model_output = "x0"
         c.diffusion.learned_variance = False

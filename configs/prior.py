@@ -53,6 +53,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.diffusion.num_steps = 1000
     c.diffusion.model_output = "x0"  # the paper's prior predicts the clean embedding
     c.diffusion.learned_variance = False
+    c.diffusion.min_snr_gamma = 0.0  # > 0: Min-SNR-gamma loss weighting (diffusion/gaussian.py); 0 = unweighted
 
     c.sampling = ml_collections.ConfigDict()
     c.sampling.sampler = "ddim"  # ddim | ddpm | analytic

@@ -152,6 +152,37 @@ def test_training_loss_targets(model_output):
         D.training_losses(d, lambda x_t, tt: jnp.concatenate([x_t, x_t], -1), x0, t, noise)
 
 
+
+@pytest.mark.parametrize("gamma", [1.0, 5.0])
+def test_min_snr_weighting_is_one_objective_across_targets(gamma):
+    """Min-SNR-gamma weighs each target so the loss is the same function of the implied x0 error: an eps (or
+    v) prediction and the x0 prediction it implies give equal weighted losses, min(SNR, g) * |x0 - x0_hat|^2."""
+    k1, k2, k3, k4 = jax.random.split(jax.random.key(3), 4)
+    x0 = jax.random.normal(k1, (16, 6))
+    noise = jax.random.normal(k2, (16, 6))
+    t = jnp.concatenate([jnp.array([0, 1, 500, 999]), jax.random.randint(k3, (12,), 0, 1000)])
+    guess = jax.random.normal(k4, (16, 6))  # an arbitrary model output
+    d = {mo: D.make_diffusion("cosine", 1000, model_output=mo) for mo in ("eps", "x0", "v")}
+    abar = np.asarray(d["eps"].alphas_cumprod_f64)[np.asarray(t)]
+    snr = abar / (1 - abar)
+    x_t = D.q_sample(d["eps"], x0, t, noise)
+    x0_hat = {mo: D.model_output_to_x0_eps(d[mo], x_t, t, guess)[0] for mo in d}  # what each target implies
+    losses = {}
+    for mo in d:
+        out = guess
+        losses[mo] = D.training_losses(d[mo], lambda xt, tt, o=out: o, x0, t, noise, min_snr_gamma=gamma)
+        want = np.minimum(snr, gamma) * np.mean((np.asarray(x0) - np.asarray(x0_hat[mo])) ** 2, axis=1)
+        np.testing.assert_allclose(losses[mo]["loss"], want, rtol=2e-3, atol=1e-6)
+        # the 'mse' metric stays the unweighted regression error
+        unweighted = D.training_losses(d[mo], lambda xt, tt, o=out: o, x0, t, noise)
+        np.testing.assert_allclose(losses[mo]["mse"], unweighted["mse"], rtol=1e-6)
+    # x0 weights are min(SNR, g) itself: below 1 at the noisiest step, g at the cleanest
+    w = np.asarray(D.min_snr_weight(d["x0"], t, gamma))
+    assert w[3] < 1e-3 and w[0] == pytest.approx(gamma)
+    # a gamma above every SNR leaves the eps loss unweighted
+    big = D.training_losses(d["eps"], lambda xt, tt: guess, x0, t, noise, min_snr_gamma=1e12)
+    np.testing.assert_allclose(big["loss"], big["mse"], rtol=1e-5)
+
 def _np_vb_bits(d, x0, x_t, t, mean_out, v, discretized):
     """The hybrid-loss VLB term [B] in bits/dim, computed independently in numpy float64 (eps model)."""
     betas = D.betas_for(d.schedule, d.num_steps)

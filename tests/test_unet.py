@@ -125,6 +125,22 @@ def test_attention_layers_read_the_context_tokens():
     np.testing.assert_allclose(a, b, atol=1e-5)
 
 
+
+def test_image_embed_scale_multiplies_the_embedding_and_the_null():
+    """image_embed_scale s (the decoder's scale_embedding: sqrt(E)) is the same as feeding s * embedding, with the
+    learned null embedding scaled alike; the params are the same tree."""
+    inputs = _inputs()
+    scaled, plain = _micro(image_embed_scale=3.0), _micro()
+    params = _perturbed_params(plain, inputs, 2)
+    drop = jnp.array([False, True])
+    a = jax.jit(scaled.apply)(params, **inputs, drop_image=drop)
+    p3 = jax.tree.map(lambda x: x, params)
+    p3["params"]["null_image_embedding"] = params["params"]["null_image_embedding"] * 3.0
+    b = jax.jit(plain.apply)(p3, **{**inputs, "image_emb": inputs["image_emb"] * 3.0}, drop_image=drop)
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    c = jax.jit(plain.apply)(params, **inputs, drop_image=drop)
+    assert float(jnp.abs(a - c).mean()) > 1e-3
+
 def test_scanned_caption_transformer_matches_the_unrolled_one():
     """caption_scan_layers (the paper config's compile-time switch) stacks the caption blocks on a leading
     axis: the same params, restacked, give the same token states; the UNet passes the switch down."""

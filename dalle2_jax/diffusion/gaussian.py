@@ -24,6 +24,21 @@ ModelFn = Callable[[jax.Array, jax.Array], jax.Array]
 # for a 2-step chain, so the clamp only acts on runaway outputs, where it keeps the KL and its gradient finite.
 MAX_LOG_STD_DIFF = 10.0
 LOSS_TYPES = ("mse", "l1")
+
+
+def min_snr_weight(diff: Diffusion, t: jax.Array, gamma: float) -> jax.Array:
+    """Min-SNR-gamma loss weights [B] (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting
+    Strategy") for `diff.model_output`'s regression: the x0-space weight min(SNR_t, gamma), expressed for the
+    target the model regresses (x0: min(SNR, g); eps: min(SNR, g) / SNR; v: min(SNR, g) / (SNR + 1)). It caps
+    the weight of the nearly clean steps, which dominate an eps loss and teach little about layout."""
+    acp = np.asarray(diff.alphas_cumprod_f64, np.float64)
+    snr = acp / (1.0 - acp)
+    w = np.minimum(snr, gamma)
+    if diff.model_output == "eps":
+        w = w / snr
+    elif diff.model_output == "v":
+        w = w / (snr + 1.0)
+    return jnp.asarray(w.astype(np.float32))[t]
 FIXED_VARIANCES = ("small", "large")
 _LOG_PROB_FLOOR = math.log(1e-12)
 _MAX_Z = 1e4
@@ -216,13 +231,15 @@ def vb_terms_bpd(diff: Diffusion, x0: jax.Array, x_t: jax.Array, t: jax.Array, m
 
 
 def training_losses(diff: Diffusion, model_fn: ModelFn, x0: jax.Array, t: jax.Array, noise: jax.Array, *,
-                    loss_type: str = "mse", discretized: bool = False) -> dict[str, jax.Array]:
+                    loss_type: str = "mse", discretized: bool = False,
+                    min_snr_gamma: float = 0.0) -> dict[str, jax.Array]:
     """Per-example training losses for x0 [B, ...] at step indices t [B] with noise [B, ...].
 
     `model_fn(x_t, t_original) -> output` is called with the ORIGINAL timesteps (`diff.timesteps[t]`). The mean
     part regresses noise, x0 or v (by `diff.model_output`) with ``mse`` or ``l1``. With learned variance the
     Improved-DDPM hybrid loss is used: loss = mean_term + (N / 1000) * vb, where vb is the VLB term in bits/dim
     computed from the stop-gradient mean (so only the variance half learns from it).
+    `min_snr_gamma` > 0 weights the mean term by min_snr_weight (the 'mse' metric stays unweighted).
     Returns {'loss': [B], 'mse': [B]} plus 'vb': [B] (unscaled) with learned variance and 'l1': [B] for l1.
     """
     if loss_type not in LOSS_TYPES:
@@ -243,6 +260,8 @@ def training_losses(diff: Diffusion, model_fn: ModelFn, x0: jax.Array, t: jax.Ar
     if loss_type == "l1":
         terms["l1"] = mean_flat(jnp.abs(mean_out - target))
     loss = terms[loss_type]
+    if min_snr_gamma > 0:
+        loss = loss * min_snr_weight(diff, t, float(min_snr_gamma))
     if var_out is not None:
         frozen = jax.lax.stop_gradient(mean_out)
         x0_pred, _ = model_output_to_x0_eps(diff, x_t, t, frozen)

@@ -233,6 +233,7 @@ class UNet(nn.Module):
     learned_sigma: bool = False
     image_embed_dim: int = 0
     image_tokens: int = 4
+    image_embed_scale: float = 1.0  # the embedding (or the null) is multiplied by it before its projections
     caption_vocab_size: int = 0
     caption_context_length: int = 0
     caption_width: int = 0
@@ -282,6 +283,8 @@ class UNet(nn.Module):
             e = image_emb.astype(jnp.float32)
             if drop_image is not None:
                 e = jnp.where(drop_image[:, None], null[None], e)
+            if self.image_embed_scale != 1.0:
+                e = e * self.image_embed_scale
             e = e.astype(self.dtype)
             emb = emb + Dense(ted, axes=("embed", "mlp"), dtype=self.dtype, name="image_to_time")(e)
             toks = Dense(self.image_tokens * self.context_dim, axes=("embed", "mlp"), dtype=self.dtype,

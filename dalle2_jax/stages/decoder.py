@@ -113,7 +113,9 @@ class DecoderStage(FrozenClipMixin, ImageDiffusionStage):
             raise ConfigError("model.caption_context_length", f"{self.context_length} is shorter than the CLIP "
                               f"tokenizer's context {self.clip_context}")
         self.unet = UNet(**self.unet_kwargs(), out_channels=3, image_embed_dim=self.embed_dim,
-                         image_tokens=int(m.image_tokens), caption_vocab_size=self.vocab_size,
+                         image_tokens=int(m.image_tokens),
+                         image_embed_scale=self.embed_dim ** 0.5 if m.get("scale_embedding", False) else 1.0,
+                         caption_vocab_size=self.vocab_size,
                          caption_context_length=self.context_length, caption_width=int(m.caption_width),
                          caption_depth=int(m.caption_depth), caption_heads=int(m.caption_heads),
                          caption_pad_id=self.pad_id, caption_scan_layers=bool(m.get("caption_scan_layers", False)))

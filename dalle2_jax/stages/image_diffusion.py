@@ -153,7 +153,8 @@ class ImageDiffusionStage(Stage):
         k_t, k_noise = jax.random.split(rng)
         t = jax.random.randint(k_t, (x0.shape[0],), 0, self.diffusion.num_steps)
         noise = jax.random.normal(k_noise, x0.shape, jnp.float32)
-        terms = D.training_losses(self.diffusion, model_fn, x0, t, noise)
+        terms = D.training_losses(self.diffusion, model_fn, x0, t, noise,
+                                  min_snr_gamma=float(self.config.diffusion.get("min_snr_gamma", 0.0)))
         metrics = {k: jnp.mean(v) for k, v in terms.items() if k != "loss"}
         metrics.update(quartile_losses(terms["loss"], t, self.diffusion.num_steps))
         return jnp.mean(terms["loss"]), metrics
