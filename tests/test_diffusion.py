@@ -169,12 +169,11 @@ def test_min_snr_weighting_is_one_objective_across_targets(gamma):
     x0_hat = {mo: D.model_output_to_x0_eps(d[mo], x_t, t, guess)[0] for mo in d}  # what each target implies
     losses = {}
     for mo in d:
-        out = guess
-        losses[mo] = D.training_losses(d[mo], lambda xt, tt, o=out: o, x0, t, noise, min_snr_gamma=gamma)
+        losses[mo] = D.training_losses(d[mo], lambda xt, tt: guess, x0, t, noise, min_snr_gamma=gamma)
         want = np.minimum(snr, gamma) * np.mean((np.asarray(x0) - np.asarray(x0_hat[mo])) ** 2, axis=1)
         np.testing.assert_allclose(losses[mo]["loss"], want, rtol=2e-3, atol=1e-6)
         # the 'mse' metric stays the unweighted regression error
-        unweighted = D.training_losses(d[mo], lambda xt, tt, o=out: o, x0, t, noise)
+        unweighted = D.training_losses(d[mo], lambda xt, tt: guess, x0, t, noise)
         np.testing.assert_allclose(losses[mo]["mse"], unweighted["mse"], rtol=1e-6)
     # x0 weights are min(SNR, g) itself: below 1 at the noisiest step, g at the cleanest
     w = np.asarray(D.min_snr_weight(d["x0"], t, gamma))
