@@ -11,6 +11,7 @@ import json
 from absl import flags
 
 from dalle2_jax.cli_util import exit_on_errors, run_program
+from dalle2_jax.training.config import ConfigError
 
 
 def define_flags(fv: flags.FlagValues) -> None:
@@ -25,13 +26,44 @@ def define_flags(fv: flags.FlagValues) -> None:
                         flag_values=fv)
     flags.DEFINE_string("image_key", None, "Image feature of --data_name (default: the workdir's).", flag_values=fv)
     flags.DEFINE_string("text_key", None, "Caption feature of --data_name (default: the workdir's).", flag_values=fv)
+    flags.DEFINE_multi_string("sampling", [], "KEY=VALUE: override a key of the workdir's config.sampling for this "
+                              "evaluation (repeatable), e.g. --sampling steps=50 --sampling eta=1.0.",
+                              flag_values=fv)
+
+
+def apply_sampling_overrides(config, overrides: list[str]) -> None:
+    """Sets config.sampling[KEY] from each "KEY=VALUE", parsed as the existing value's type (bool: true/false,
+    1/0). Raises ValueError naming the problem for a malformed item, an unknown key or a bad value."""
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        key, text = key.strip(), text.strip()
+        if not sep or not key:
+            raise ValueError(f"--sampling takes KEY=VALUE, got {item!r}")
+        if "sampling" not in config or key not in config.sampling:
+            known = ", ".join(sorted(config.sampling.keys())) if "sampling" in config else "none"
+            raise ValueError(f"--sampling {key}: not a key of this workdir's config.sampling (keys: {known})")
+        old = config.sampling[key]
+        try:
+            if isinstance(old, bool):
+                if text.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError("expected true or false")
+                value = text.lower() in ("true", "1")
+            elif isinstance(old, (int, float, str)):
+                value = type(old)(text)
+            else:
+                raise ValueError(f"keys of type {type(old).__name__} cannot be overridden")
+        except ValueError as e:
+            raise ValueError(f"--sampling {key}={text}: {e}") from None
+        config.sampling[key] = value
 
 
 def evaluate_workdir(workdir: str, step: int | None = None, raw_params: bool = False,
                      max_examples: int | None = None, data_name: str | None = None,
-                     data_dir: str | None = None, image_key: str | None = None, text_key: str | None = None) -> dict:
+                     data_dir: str | None = None, image_key: str | None = None, text_key: str | None = None,
+                     sampling: list[str] | None = None) -> dict:
     """Evaluates a workdir's checkpoint with its stage's evaluation (on its own data set, or `data_name` in
-    `data_dir` with its `image_key` / `text_key`); returns the metrics dict."""
+    `data_dir` with its `image_key` / `text_key`; `sampling`: "KEY=VALUE" overrides of config.sampling);
+    returns the metrics dict."""
     import jax
 
     from dalle2_jax.data import pipeline
@@ -55,6 +87,11 @@ def evaluate_workdir(workdir: str, step: int | None = None, raw_params: bool = F
         config.data.image_key = image_key
     if text_key:
         config.data.text_key = text_key
+    sampling = [i.replace(" ", "") for i in (sampling or [])]
+    try:
+        apply_sampling_overrides(config, sampling)
+    except ValueError as e:
+        raise ConfigError("sampling", str(e)) from None
     stage = get_stage_class(config.stage)(config, workdir)
     stage.setup_model()
     pipeline.prepare_dataset(config.data)
@@ -67,7 +104,13 @@ def evaluate_workdir(workdir: str, step: int | None = None, raw_params: bool = F
     run = _Run()
     run.stage, run.mesh, run.workdir = stage, mesh, workdir
     writer = MetricWriter(fileio.join(workdir, "tensorboard")) if jax.process_index() == 0 else None
-    result = evaluate_and_report(run, params, info["step"], info["params"], writer)
+    extra, suffix = {}, ""
+    if sampling:  # a report of its own, so the training run's eval_<step>.json and grids stay as they were
+        extra = {"sampling_overrides": dict(sorted(i.split("=", 1) for i in sampling))}
+        suffix = "_" + "_".join(f"{k}{v}" for k, v in extra["sampling_overrides"].items())
+    if raw_params:
+        suffix += "_raw"
+    result = evaluate_and_report(run, params, info["step"], info["params"], writer, suffix, extra)
     if writer is not None:
         writer.close()
     return result
@@ -76,7 +119,7 @@ def evaluate_workdir(workdir: str, step: int | None = None, raw_params: bool = F
 def main(fv: flags.FlagValues) -> None:
     with exit_on_errors():
         result = evaluate_workdir(fv.workdir, fv.step, fv.raw_params, fv.max_examples, fv.data_name, fv.data_dir,
-                                  fv.image_key, fv.text_key)
+                                  fv.image_key, fv.text_key, fv.sampling)
     print(json.dumps(result, sort_keys=True), flush=True)
 
 

@@ -98,3 +98,25 @@ def test_train_on_a_user_folder(tmp_path, capsys):
     result = json.loads([ln for ln in out.splitlines() if ln.startswith("eval ")][-1][5:])
     assert result["num_examples"] == 6 and "caption_retrieval_r1" in result
     assert "zero_shot_shape_acc" not in result  # no structured scenes in a user's data
+
+
+def test_evaluate_sampling_overrides_write_their_own_report(trained_decoder, tmp_path, capsys):
+    """`evaluate --sampling KEY=VALUE` evaluates with changed sampling settings, records them, and leaves the
+    training run's report alone; bad overrides exit 2 naming the problem."""
+    import shutil
+
+    workdir = str(tmp_path / "decoder")
+    shutil.copytree(trained_decoder[0], workdir)
+    before = json.load(open(os.path.join(workdir, "reports", "eval_4.json")))
+    code, out, err = _run(capsys, "evaluate", "--workdir", workdir, "--sampling", "sampler=ddim",
+                          "--sampling", "steps=1", "--sampling", "eta=1.0", "--max_examples", "8")
+    assert code == 0, err
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["sampling_overrides"] == {"eta": "1.0", "sampler": "ddim", "steps": "1"}
+    assert result["num_examples"] == 8 and "clip_cosine" in result
+    assert json.load(open(os.path.join(workdir, "reports", "eval_4_eta1.0_samplerddim_steps1.json"))) == result
+    assert json.load(open(os.path.join(workdir, "reports", "eval_4.json"))) == before
+    for bad, message in [("steps", "KEY=VALUE"), ("nope=1", "not a key"), ("steps=many", "steps=many"),
+                         ("clip_x0=maybe", "true or false")]:
+        code, _, err = _run(capsys, "evaluate", "--workdir", workdir, "--sampling", bad)
+        assert code == 2 and message in err, (bad, err)

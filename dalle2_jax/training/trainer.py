@@ -172,33 +172,36 @@ def _check_workdir_shared(workdir: str) -> None:
                           "process 0 wrote there; use a gs:// workdir or a filesystem every host mounts")
 
 
-def write_sample_grids(workdir: str, step: int, images: dict, writer: MetricWriter | None) -> list[str]:
-    """Writes each uint8 [H, W, 3] grid as <workdir>/samples/<name>_<step>.png and to TensorBoard."""
+def write_sample_grids(workdir: str, step: int, images: dict, writer: MetricWriter | None,
+                       suffix: str = "") -> list[str]:
+    """Writes each uint8 [H, W, 3] grid as <workdir>/samples/<name>_<step><suffix>.png and to TensorBoard."""
     from dalle2_jax.images import save_png
 
     paths = []
     for name, grid in images.items():
-        path = fileio.join(workdir, "samples", f"{name}_{step}.png")
+        path = fileio.join(workdir, "samples", f"{name}_{step}{suffix}.png")
         save_png(path, np.asarray(grid, np.uint8))
         paths.append(path)
         if writer is not None:
-            writer.image(step, f"samples/{name}", np.asarray(grid, np.uint8))
+            writer.image(step, f"samples/{name}{suffix}", np.asarray(grid, np.uint8))
     return paths
 
 
-def evaluate_and_report(run: Run, params: Any, step: int, params_kind: str, writer: MetricWriter | None) -> dict:
-    """Runs the stage's evaluation and writes reports/eval_<step>.json and TensorBoard scalars."""
+def evaluate_and_report(run: Run, params: Any, step: int, params_kind: str, writer: MetricWriter | None,
+                        suffix: str = "", extra: dict | None = None) -> dict:
+    """Runs the stage's evaluation and writes reports/eval_<step><suffix>.json and TensorBoard scalars (under
+    eval<suffix>/); `extra` is added to the result (e.g. the sampling overrides it was run with)."""
     t0 = time.time()
     metrics = dict(run.stage.evaluate(params, run.mesh))
     images = metrics.pop("images", {})  # {name: uint8 [H, W, 3]} sample grids, if the stage makes any
-    result = {"step": int(step), "params": params_kind, **metrics}
+    result = {"step": int(step), "params": params_kind, **(extra or {}), **metrics}
     result.setdefault("num_examples", 0)
     if jax.process_index() == 0:
         if images:
-            result["sample_files"] = write_sample_grids(run.workdir, step, images, writer)
-        ckpt.write_json(fileio.join(run.workdir, "reports", f"eval_{step}.json"), result)
+            result["sample_files"] = write_sample_grids(run.workdir, step, images, writer, suffix)
+        ckpt.write_json(fileio.join(run.workdir, "reports", f"eval_{step}{suffix}.json"), result)
         if writer is not None:
-            writer.scalars(step, {f"eval/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
+            writer.scalars(step, {f"eval{suffix}/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
     log.info("evaluation at step %d took %.1fs", step, time.time() - t0)
     return result
 
