@@ -31,9 +31,11 @@ def define_flags(fv: flags.FlagValues) -> None:
                               flag_values=fv)
 
 
-def apply_sampling_overrides(config, overrides: list[str]) -> None:
+def apply_sampling_overrides(config, overrides: list[str]) -> dict[str, str]:
     """Sets config.sampling[KEY] from each "KEY=VALUE", parsed as the existing value's type (bool: true/false,
-    1/0). Raises ValueError naming the problem for a malformed item, an unknown key or a bad value."""
+    1/0); returns {KEY: VALUE text}. Raises ValueError naming the problem for a malformed item, an unknown key
+    or a bad value."""
+    applied = {}
     for item in overrides:
         key, sep, text = item.partition("=")
         key, text = key.strip(), text.strip()
@@ -55,6 +57,8 @@ def apply_sampling_overrides(config, overrides: list[str]) -> None:
         except ValueError as e:
             raise ValueError(f"--sampling {key}={text}: {e}") from None
         config.sampling[key] = value
+        applied[key] = text
+    return applied
 
 
 def evaluate_workdir(workdir: str, step: int | None = None, raw_params: bool = False,
@@ -87,9 +91,8 @@ def evaluate_workdir(workdir: str, step: int | None = None, raw_params: bool = F
         config.data.image_key = image_key
     if text_key:
         config.data.text_key = text_key
-    sampling = [i.replace(" ", "") for i in (sampling or [])]
     try:
-        apply_sampling_overrides(config, sampling)
+        overrides = apply_sampling_overrides(config, list(sampling or []))
     except ValueError as e:
         raise ConfigError("sampling", str(e)) from None
     stage = get_stage_class(config.stage)(config, workdir)
@@ -105,8 +108,8 @@ def evaluate_workdir(workdir: str, step: int | None = None, raw_params: bool = F
     run.stage, run.mesh, run.workdir = stage, mesh, workdir
     writer = MetricWriter(fileio.join(workdir, "tensorboard")) if jax.process_index() == 0 else None
     extra, suffix = {}, ""
-    if sampling:  # a report of its own, so the training run's eval_<step>.json and grids stay as they were
-        extra = {"sampling_overrides": dict(sorted(i.split("=", 1) for i in sampling))}
+    if overrides:  # a report of its own, so the training run's eval_<step>.json and grids stay as they were
+        extra = {"sampling_overrides": dict(sorted(overrides.items()))}
         suffix = "_" + "_".join(f"{k}{v}" for k, v in extra["sampling_overrides"].items())
     if raw_params:
         suffix += "_raw"

@@ -116,6 +116,11 @@ def test_evaluate_sampling_overrides_write_their_own_report(trained_decoder, tmp
     assert result["num_examples"] == 8 and "clip_cosine" in result
     assert json.load(open(os.path.join(workdir, "reports", "eval_4_eta1.0_samplerddim_steps1.json"))) == result
     assert json.load(open(os.path.join(workdir, "reports", "eval_4.json"))) == before
+    code, out, err = _run(capsys, "evaluate", "--workdir", workdir, "--raw_params", "--max_examples", "8")
+    assert code == 0, err
+    assert json.loads(out.strip().splitlines()[-1])["params"] == "raw"
+    assert os.path.exists(os.path.join(workdir, "reports", "eval_4_raw.json"))
+    assert json.load(open(os.path.join(workdir, "reports", "eval_4.json"))) == before
     for bad, message in [("steps", "KEY=VALUE"), ("nope=1", "not a key"), ("steps=many", "steps=many"),
                          ("clip_x0=maybe", "true or false")]:
         code, _, err = _run(capsys, "evaluate", "--workdir", workdir, "--sampling", bad)
