@@ -27,6 +27,7 @@ def unet_model_config() -> ml_collections.ConfigDict:
     m.groups = 32  # GroupNorm groups (fewer when the channels are not divisible)
     m.dtype = "float32"
     m.patch_size = 1  # >1: fold p x p patches into channels at the input (space-to-depth; models/unet.py)
+    m.full_res_channels = 0  # >0 (with patch_size > 1): a residual block of this width at full res each side
     m.remat = "none"  # none | full | dots_saveable | dots_with_no_batch_dims_saveable
     return m
 
@@ -73,6 +74,8 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.diffusion.num_steps = 1000
     c.diffusion.model_output = "eps"
     c.diffusion.learned_variance = True  # Improved-DDPM hybrid loss; the sampler uses the learned variance
+    # > 1: every step's log-SNR lowered by 2 log(shift) (simple diffusion's shifted schedule; schedules.py)
+    c.diffusion.schedule_shift = 1.0
     c.diffusion.min_snr_gamma = 0.0  # > 0: Min-SNR-gamma loss weighting (diffusion/gaussian.py); 0 = unweighted
 
     c.sampling = ml_collections.ConfigDict()
@@ -92,6 +95,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.eval.batch_size = 128
     c.eval.max_examples = 256
     c.eval.grid_size = 16  # samples in the PNG / TensorBoard grid
+    # Timesteps t: also noise each test image to t and sample it back (SDEdit), scored by the scene checker
+    # (renoise_t<t>_*): where along the chain the shapes are lost. E.g. (100, 300, 500, 800).
+    c.eval.renoise_steps = ()
     c.data.embeddings_dir = ""  # take image embeddings from `python -m dalle2_jax.tools.embed` output
 
     if arg == "tiny":

@@ -42,6 +42,7 @@ def get_config(arg: str = "tiny_64to256") -> ml_collections.ConfigDict:
     c.diffusion.num_steps = 1000
     c.diffusion.model_output = "eps"
     c.diffusion.learned_variance = False
+    c.diffusion.schedule_shift = 1.0  # > 1: log-SNR lowered by 2 log(shift) at every step (schedules.py)
     c.diffusion.min_snr_gamma = 0.0  # > 0: Min-SNR-gamma loss weighting (diffusion/gaussian.py); 0 = unweighted
 
     c.sampling = ml_collections.ConfigDict()

@@ -168,10 +168,11 @@ def attribute_accuracy(images: Sequence[np.ndarray] | np.ndarray, scenes: Sequen
                        heldout_only: bool = False) -> dict[str, float]:
     """Checks every (image, scene) pair and returns the accuracies: color_acc, shape_acc, size_acc (over
     objects), relation_acc (over two-object scenes), background_acc and all_correct (over images: every
-    attribute right), heldout_color_acc / heldout_shape_acc (the objects that are held-out pairs), and the
-    counts."""
+    attribute right), heldout_color_acc / heldout_shape_acc (the objects that are held-out pairs),
+    shape_acc_small / shape_acc_large (the objects asked for at each size), and the counts."""
     per_obj = {"color": [], "shape": [], "size": []}
     held = {"color": [], "shape": []}
+    by_size = {size: [] for size in S.SIZE_FRACTIONS}  # shape verdicts of the objects of each requested size
     rel, bg, allc = [], [], []
     for img, scene in zip(images, scenes):
         v = check_image(img, scene)
@@ -180,6 +181,8 @@ def attribute_accuracy(images: Sequence[np.ndarray] | np.ndarray, scenes: Sequen
             for k in per_obj:
                 per_obj[k].append(ov[k])
                 ok = ok and ov[k]
+            if o["size"] in by_size:
+                by_size[o["size"]].append(ov["shape"])
             if S.is_heldout(o["color"], o["shape"]):
                 held["color"].append(ov["color"])
                 held["shape"].append(ov["shape"])
@@ -192,5 +195,7 @@ def attribute_accuracy(images: Sequence[np.ndarray] | np.ndarray, scenes: Sequen
     return {"color_acc": mean(per_obj["color"]), "shape_acc": mean(per_obj["shape"]),
             "size_acc": mean(per_obj["size"]), "relation_acc": mean(rel), "background_acc": mean(bg),
             "all_correct": mean(allc), "heldout_color_acc": mean(held["color"]),
-            "heldout_shape_acc": mean(held["shape"]), "num_images": len(bg), "num_objects": len(per_obj["color"]),
+            "heldout_shape_acc": mean(held["shape"]),
+            **{f"shape_acc_{size}": mean(v) for size, v in by_size.items()},
+            "num_images": len(bg), "num_objects": len(per_obj["color"]),
             "num_two_object": len(rel), "num_heldout_objects": len(held["color"])}

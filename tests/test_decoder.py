@@ -40,6 +40,46 @@ def test_decoder_train_evaluate_and_sample(trained_decoder):
     assert os.path.exists(os.path.join(workdir, "reports", "eval_4.json"))
 
 
+def test_decoder_renoise_probe(trained_decoder, tmp_path):
+    """make_renoiser: noised to t = 1 and sampled back, an image comes back nearly unchanged, and from
+    t = 900 it does not; eval.renoise_steps adds the checker's renoise_t<t>_* accuracies to the evaluation."""
+    from dalle2_jax.data import pipeline
+    from dalle2_jax.training.checkpoint import load_params, read_config
+    from dalle2_jax.training.trainer import evaluate_and_report
+    from dalle2_jax.training.partitioning import make_mesh
+    from dalle2_jax.stages import get_stage_class
+
+    workdir = trained_decoder[0]
+    cfg = read_config(workdir)
+    cfg.eval.renoise_steps = (1, 900)
+    cfg.eval.max_examples = 8
+    stage = get_stage_class("decoder")(cfg, workdir)
+    stage.setup_model()
+    mesh = make_mesh(cfg)
+    _, params, _ = load_params(workdir, mesh)
+    d = cfg.data
+    images = np.stack([r[d.image_key] for r in pipeline.read_split(d, d.eval_split, [d.image_key], 4)])
+    tokens = stage.tokenizer.encode_batch(["a red circle"] * 4)
+    emb = jax.jit(stage.conditioning_embedding)(stage.clip_params(), images)
+    near = np.asarray(stage.make_renoiser(1)(params, emb, tokens, images, jax.random.key(0))).astype(int)
+    far = np.asarray(stage.make_renoiser(900)(params, emb, tokens, images, jax.random.key(0))).astype(int)
+    assert np.abs(near - images).mean() < 2.0 < np.abs(far - images).mean()
+    with pytest.raises(ValueError, match="renoise timestep"):
+        stage.make_renoiser(1000)
+
+    class _Run:
+        pass
+
+    run = _Run()
+    run.stage, run.mesh, run.workdir = stage, mesh, str(tmp_path)
+    result = evaluate_and_report(run, params, 4, "ema", None)
+    for t in (1, 900):
+        for k in ("color_acc", "shape_acc", "shape_acc_small", "shape_acc_large"):
+            v = result[f"renoise_t{t}_{k}"]
+            assert np.isnan(v) or 0 <= v <= 1, (t, k, v)
+    assert result["renoise_t1_color_acc"] >= 0.75  # the real images, barely noised, keep their colours
+
+
 @pytest.mark.slow
 def test_decoder_sampling_is_seeded_and_guided(shapes_data_dir, trained_clip, tmp_path):
     from dalle2_jax.training.checkpoint import load_params
@@ -99,6 +139,12 @@ def test_decoder_config_errors(shapes_data_dir, trained_clip, tmp_path):
                         num_devices=1)
     with pytest.raises(ConfigError, match="config.sampling.sampler"):
         validate_config(small_decoder_config(shapes_data_dir, trained_clip, **{"sampling.sampler": "plms"}),
+                        num_devices=1)
+    with pytest.raises(ConfigError, match="config.eval.renoise_steps"):
+        validate_config(small_decoder_config(shapes_data_dir, trained_clip, **{"eval.renoise_steps": (1000,)}),
+                        num_devices=1)
+    with pytest.raises(ConfigError, match="config.diffusion.schedule_shift"):
+        validate_config(small_decoder_config(shapes_data_dir, trained_clip, **{"diffusion.schedule_shift": 0.0}),
                         num_devices=1)
 
 

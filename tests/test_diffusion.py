@@ -52,6 +52,21 @@ def test_linear_schedule_endpoints_and_scaling(num_steps):
     assert np.all(np.diff(d.alphas_cumprod) < 0)
 
 
+@pytest.mark.parametrize("shift", [0.5, 2.0, 4.0])
+def test_shifted_schedule_lowers_log_snr_by_2_log_shift(shift):
+    """simple diffusion's shift: logSNR'(t) = logSNR(t) - 2 log s at every step (until the last step's 0.999
+    cap), monotone, and shift 1 is the schedule itself."""
+    base, d = D.make_diffusion("cosine", 1000), D.make_diffusion("cosine", 1000, shift=shift)
+    log_snr = lambda a: np.log(a) - np.log1p(-a)  # noqa: E731
+    np.testing.assert_allclose(log_snr(d.alphas_cumprod_f64[:-1]), log_snr(base.alphas_cumprod_f64[:-1])
+                               - 2 * math.log(shift), atol=1e-6)
+    assert np.all(np.diff(d.alphas_cumprod_f64) < 0) and np.all(d.betas > 0) and np.all(d.betas <= 0.999 + 1e-7)
+    assert d.schedule == f"cosine@shift{shift:g}"
+    np.testing.assert_array_equal(D.make_diffusion("cosine", 1000, shift=1.0).betas, base.betas)
+    with pytest.raises(ValueError, match="shift"):
+        D.betas_for("cosine", 10, shift=0.0)
+
+
 def test_schedule_and_option_errors_name_the_value():
     with pytest.raises(ValueError, match="'quadratic'"):
         D.make_diffusion("quadratic", 10)

@@ -20,7 +20,8 @@ def test_real_renders_score_full_marks(test_scenes, resolution):
     scenes = test_scenes if resolution == 64 else test_scenes[:40]
     images = [S.render_scene(s, resolution) for s in scenes]
     acc = C.attribute_accuracy(images, scenes)
-    for key in ("color_acc", "shape_acc", "size_acc", "relation_acc", "background_acc", "all_correct"):
+    for key in ("color_acc", "shape_acc", "size_acc", "relation_acc", "background_acc", "all_correct",
+                "shape_acc_small", "shape_acc_large"):
         assert acc[key] == 1.0, (key, acc)
     assert acc["num_objects"] > len(scenes) and acc["num_two_object"] > 0
     if resolution == 64:

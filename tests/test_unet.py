@@ -222,7 +222,22 @@ def test_patch_size_folds_patches_into_channels():
     x2 = inputs["x"].at[:, 8:10, 8:10].add(1.0)  # one 2x2 patch changed
     assert not np.allclose(model.apply(params, **dict(inputs, x=x2)), out)
 
+    # a full-resolution level around the folded UNet: stem and head blocks at 16 px, out_conv at 16 px
+    model = _micro(patch_size=2, attention_resolutions=(8,), full_res_channels=8)
+    params = _perturbed_params(model, inputs, 0)
+    p = params["params"]
+    assert p["full_res_in_conv"]["conv"]["kernel"].shape[2:] == (3, 8)
+    assert p["in_conv"]["conv"]["kernel"].shape[2] == 32  # 2x2 patches of the 8-channel stem
+    assert p["out_conv"]["conv"]["kernel"].shape[2:] == (8, 6) and "full_res_up" in p and "full_res_down" in p
+    out = model.apply(params, **inputs)
+    assert out.shape == (2, 16, 16, 6) and np.isfinite(out).all()
+    assert not np.allclose(model.apply(params, **dict(inputs, x=x2)), out)
+
     cfg = get_config("tiny")
+    cfg.model.full_res_channels = 8  # patch_size 1: refused
+    with pytest.raises(ConfigError, match="full_res_channels"):
+        get_stage_class("decoder").validate_unet(cfg)
+    cfg.model.full_res_channels = 0
     cfg.model.patch_size = 3
     with pytest.raises(ConfigError, match="patch_size"):
         get_stage_class("decoder").validate_unet(cfg)

@@ -23,13 +23,33 @@ def cosine_alpha_bar(s: np.ndarray | float, offset: float = 0.008) -> np.ndarray
     return np.cos((np.asarray(s, np.float64) + offset) / (1 + offset) * math.pi / 2) ** 2
 
 
-def betas_for(name: str, num_steps: int) -> np.ndarray:
-    """Betas [num_steps] float64 for schedule `name`.
+def shift_betas(betas: np.ndarray, shift: float) -> np.ndarray:
+    """The schedule with its log-SNR moved down by 2 log(shift) at every step (Hoogeboom et al. 2023, "simple
+    diffusion": logSNR'(t) = logSNR(t) - 2 log s), as betas float64. shift > 1 gives every step more noise,
+    for images whose content is decided only at high noise (large flat areas: a shape of many pixels stays
+    visible through noise that hides single pixels); 1 returns the betas unchanged."""
+    if shift <= 0:
+        raise ValueError(f"schedule shift must be positive, got {shift!r}")
+    if shift == 1.0:
+        return betas
+    abar = np.cumprod(1.0 - np.asarray(betas, np.float64))
+    log_snr = np.log(abar) - np.log1p(-abar) - 2.0 * math.log(shift)
+    abar = 1.0 / (1.0 + np.exp(-log_snr))
+    prev = np.concatenate([[1.0], abar[:-1]])
+    return np.minimum(1.0 - abar / prev, 0.999)
+
+
+def betas_for(name: str, num_steps: int, shift: float = 1.0) -> np.ndarray:
+    """Betas [num_steps] float64 for schedule `name`, log-SNR shifted by `shift_betas` when shift != 1.
 
     - ``cosine``: beta_t = min(1 - f((t+1)/T) / f(t/T), 0.999) with f from `cosine_alpha_bar` (s = 0.008).
     - ``linear``: DDPM's linspace(1e-4, 0.02) scaled by 1000 / num_steps (so any T gives the same curve), capped
       at 0.999 too (the cap only acts below 21 steps, where the scaled end would exceed 1).
     """
+    return shift_betas(_betas_for(name, num_steps), float(shift))
+
+
+def _betas_for(name: str, num_steps: int) -> np.ndarray:
     if not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
         raise ValueError(f"diffusion num_steps must be a positive integer, got {num_steps!r}")
     if name == "cosine":
@@ -142,14 +162,16 @@ def diffusion_from_betas(betas: np.ndarray, *, model_output: str = "eps", learne
 
 
 def make_diffusion(schedule: str, num_steps: int, model_output: str = "eps",
-                   learned_variance: bool = False) -> Diffusion:
-    """A `Diffusion` over `num_steps` steps of the named schedule (``cosine`` or ``linear``).
+                   learned_variance: bool = False, shift: float = 1.0) -> Diffusion:
+    """A `Diffusion` over `num_steps` steps of the named schedule (``cosine`` or ``linear``), its log-SNR
+    shifted down by 2 log(shift) (`shift_betas`; 1 = the schedule as published).
 
     model_output: what the model predicts, ``eps``, ``x0`` or ``v``. learned_variance: the model output carries a
     second half on the last axis, the Improved-DDPM variance interpolation value v in [-1, 1].
     """
-    return diffusion_from_betas(betas_for(schedule, num_steps), model_output=model_output,
-                                learned_variance=learned_variance, schedule=schedule)
+    return diffusion_from_betas(betas_for(schedule, num_steps, shift), model_output=model_output,
+                                learned_variance=learned_variance,
+                                schedule=schedule if shift == 1.0 else f"{schedule}@shift{shift:g}")
 
 
 def karlo_timesteps(n: int, num_steps: int = 1000) -> np.ndarray:

@@ -216,7 +216,11 @@ class UNet(nn.Module):
     `patch_size` p > 1 folds each p x p patch of the input (after the low-res concatenation) into channels
     before the first convolution and unfolds the output the same way (space-to-depth, as in Hoogeboom et
     al. 2023's "simple diffusion"), so every level runs at 1/p of the image side for about 1/p^2 of the
-    compute; attention_resolutions stay in image pixels.
+    compute; attention_resolutions stay in image pixels. `full_res_channels` c > 0 (with p > 1) adds a cheap
+    level at the image's own resolution around the folded UNet: a c-channel convolution and residual block
+    before the folding, and after the unfolding a residual block over [unfolded features, that stem's
+    output] before the output convolution, so edges inside a patch are drawn by full-resolution
+    convolutions rather than by one linear unfolding.
     """
 
     model_channels: int = 64
@@ -246,6 +250,7 @@ class UNet(nn.Module):
     noise_level_cond: bool = False
     remat: str = "none"
     patch_size: int = 1
+    full_res_channels: int = 0
     dtype: Dtype = jnp.float32
 
     def _block(self, cls: Callable, **kw) -> nn.Module:
@@ -310,13 +315,19 @@ class UNet(nn.Module):
             up = jax.image.resize(low_res.astype(jnp.float32), (b,) + x.shape[1:3] + (low_res.shape[-1],),
                                   method=self.low_res_upsample)
             h = jnp.concatenate([h, up.astype(self.dtype)], axis=-1)
-        p = int(self.patch_size)
-        if p > 1:
-            h = space_to_depth(h, p)
+        p, fc = int(self.patch_size), int(self.full_res_channels)
+        if fc and p == 1:
+            raise ValueError("full_res_channels needs patch_size > 1 (without patches every level is full-res)")
         attn_ds = {self.image_size // r for r in self.attention_resolutions}
         det = not train
         res = lambda ch, **kw: self._block(ResBlock, out_channels=ch, dropout=self.dropout,  # noqa: E731
                                            scale_shift=self.scale_shift, deterministic=det, **kw)
+        full = None
+        if fc:
+            h = Conv(fc, dtype=self.dtype, name="full_res_in_conv")(h)
+            h = full = res(fc, name="full_res_down")(h, emb)
+        if p > 1:
+            h = space_to_depth(h, p)
         attn = lambda name: self._block(AttentionBlock, head_channels=self.head_channels, name=name)  # noqa: E731
 
         # Explicit names: the param tree is the same with and without remat.
@@ -352,7 +363,11 @@ class UNet(nn.Module):
                     else:
                         h = Conv(mult * mc, dtype=self.dtype, name=f"up_{level}_resample")(upsample_nearest(h))
                     ds //= 2
-        h = jax.nn.silu(GroupNorm(self.groups, dtype=self.dtype, name="out_norm")(h))
         out_ch = self.out_channels * (2 if self.learned_sigma else 1)
+        if full is not None:
+            h = depth_to_space(Conv(fc * p * p, kernel=1, dtype=self.dtype, name="full_res_unfold")(h), p)
+            h = res(fc, name="full_res_up")(jnp.concatenate([h, full], axis=-1), emb)
+            p = 1
+        h = jax.nn.silu(GroupNorm(self.groups, dtype=self.dtype, name="out_norm")(h))
         out = Conv(out_ch * p * p, zero_init=True, dtype=self.dtype, name="out_conv")(h).astype(jnp.float32)
         return depth_to_space(out, p) if p > 1 else out

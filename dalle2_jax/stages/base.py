@@ -92,6 +92,8 @@ def validate_diffusion_keys(config, samplers: tuple[str, ...]) -> None:
         raise ConfigError("diffusion.schedule", f"unknown schedule {d.schedule!r}; use cosine or linear")
     if d.model_output not in ("x0", "eps", "v"):
         raise ConfigError("diffusion.model_output", f"unknown output {d.model_output!r}; use x0, eps or v")
+    if float(d.get("schedule_shift", 1.0)) <= 0:
+        raise ConfigError("diffusion.schedule_shift", f"must be > 0 (1 = unshifted), got {d.schedule_shift}")
     if float(d.get("min_snr_gamma", 0.0)) < 0:
         raise ConfigError("diffusion.min_snr_gamma", f"must be >= 0 (0 = unweighted), got {d.min_snr_gamma}")
     if s.sampler not in samplers:

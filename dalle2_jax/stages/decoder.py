@@ -85,6 +85,10 @@ class DecoderStage(FrozenClipMixin, ImageDiffusionStage):
                               "set it to True or train without data.embeddings_dir")
         if config.sampling.guidance_scale < 0:
             raise ConfigError("sampling.guidance_scale", f"must be >= 0, got {config.sampling.guidance_scale}")
+        for t in config.eval.get("renoise_steps", ()):
+            if not 0 < int(t) < config.diffusion.num_steps:
+                raise ConfigError("eval.renoise_steps", f"timesteps must be in (0, diffusion.num_steps="
+                                  f"{config.diffusion.num_steps}), got {t}")
 
     # --- set-up ---------------------------------------------------------------------------------------
     def prepare(self) -> None:
@@ -240,6 +244,34 @@ class DecoderStage(FrozenClipMixin, ImageDiffusionStage):
 
         return jax.jit(sample)
 
+    def make_renoiser(self, t: int, steps: int | None = None):
+        """A jitted (params, image_emb [B, E], tokens [B, L], images uint8 [B, R, R, 3], key) -> uint8 images:
+        each image noised to timestep `t` (q_sample), then sampled back to t = 0 by the configured sampler
+        with guidance over `steps` timesteps spaced evenly in [0, t] (default: the sampling steps' density,
+        at least 2), as SDEdit does. Scored against the scenes (evaluate's renoise_t<t>_* metrics), it tells
+        which noise levels the decoder cannot bring back: the higher t where an attribute drops, the more of
+        the chain it survives."""
+        s, d = self.config.sampling, self.diffusion
+        if not 0 < t < d.num_steps:
+            raise ValueError(f"renoise timestep must be in (0, {d.num_steps}), got {t}")
+        n = int(steps or max(2, round(int(s.steps) * t / d.num_steps)))
+        sub, _ = D.respace(d, sorted({int(round(x)) for x in np.linspace(0, t, n)}))
+        clip = 1.0 if s.clip_x0 else None
+        scale = float(s.guidance_scale)
+
+        def renoise(params, image_emb, tokens, images, key):
+            k_noise, k_sample = jax.random.split(key)
+            x0 = to_model_space(images)
+            x_t = D.q_sample(d, x0, jnp.full((x0.shape[0],), t, jnp.int32), jax.random.normal(k_noise, x0.shape))
+            denoise = self.guided_denoiser(params, image_emb, tokens, scale)
+            if s.sampler == "ddpm":
+                x = D.sample_ddpm(sub, denoise, x0.shape, k_sample, clip_x0=clip, x_T=x_t)
+            else:
+                x = D.sample_ddim(sub, denoise, x0.shape, k_sample, eta=float(s.eta), clip_x0=clip, x_T=x_t)
+            return to_uint8(x)
+
+        return jax.jit(renoise)
+
     def make_inverter(self, steps: int | None = None, guidance_scale: float | None = None,
                       fixed_point_iters: int = 3):
         """A jitted (params, image_emb [B, E], tokens [B, L], images uint8 [B, R, R, 3]) -> x_T [B, R, R, 3]:
@@ -319,9 +351,19 @@ class DecoderStage(FrozenClipMixin, ImageDiffusionStage):
             from dalle2_jax import scene_checker  # pixel-level attributes of each sample
 
             if samples.shape[1] == images.shape[1]:
-                px = scene_checker.attribute_accuracy(samples, [S.decode_scene(s) for s in scenes])
+                decoded = [S.decode_scene(s) for s in scenes]
+                px = scene_checker.attribute_accuracy(samples, decoded)
                 out.update({f"checker_{k}": px[k] for k in ("color_acc", "shape_acc", "size_acc", "relation_acc",
-                                                             "background_acc", "all_correct")})
+                                                             "background_acc", "all_correct", "shape_acc_small",
+                                                             "shape_acc_large")})
+                for t in cfg.eval.get("renoise_steps", ()):  # where along the chain the attributes are lost
+                    fn = j.setdefault(f"renoise_{int(t)}", self.make_renoiser(int(t)))
+                    rec = run_batched(lambda x, tok, im, i, fn=fn: fn(params, j["cond"](frozen, x), tok, im,
+                                                                     jax.random.fold_in(key, i)),
+                                      bs, clip_images, tokens, images, mesh=mesh)
+                    px = scene_checker.attribute_accuracy(rec, decoded)
+                    out.update({f"renoise_t{int(t)}_{k}": px[k] for k in ("color_acc", "shape_acc",
+                                                                          "shape_acc_small", "shape_acc_large")})
         g = min(int(cfg.eval.grid_size), len(records))
         out["images"] = {"decoder": image_grid([images[:g], samples[:g]])}  # top: real, bottom: sampled
         return out

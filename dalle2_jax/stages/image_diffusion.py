@@ -86,6 +86,10 @@ class ImageDiffusionStage(Stage):
         if patch < 1 or res % (patch * 2 ** (levels - 1)):
             raise ConfigError("model.patch_size", f"{patch}: data.resolution {res} must be divisible by patch_size "
                               f"x 2^{levels - 1} (one halving per level after the first)")
+        full = int(m.get("full_res_channels", 0))
+        if full < 0 or (full and patch == 1):
+            raise ConfigError("model.full_res_channels", f"{full}: must be 0, or positive with patch_size > 1 "
+                              "(a patch_size 1 UNet runs its first level at full resolution already)")
         for r in m.attention_resolutions:
             if int(r) <= 0 or res % int(r) or not patch <= res // int(r) <= patch * 2 ** (levels - 1):
                 raise ConfigError("model.attention_resolutions",
@@ -113,12 +117,14 @@ class ImageDiffusionStage(Stage):
                     dropout=float(m.dropout), scale_shift=bool(m.scale_shift),
                     resblock_updown=bool(m.resblock_updown), groups=int(m.groups),
                     learned_sigma=bool(self.config.diffusion.learned_variance), remat=m.remat,
-                    patch_size=int(m.get("patch_size", 1)), dtype=dtype_from_name(m.dtype))
+                    patch_size=int(m.get("patch_size", 1)), full_res_channels=int(m.get("full_res_channels", 0)),
+                    dtype=dtype_from_name(m.dtype))
 
     def build_diffusion(self) -> None:
         d = self.config.diffusion
         self.diffusion = D.make_diffusion(d.schedule, int(d.num_steps), model_output=d.model_output,
-                                          learned_variance=bool(d.learned_variance))
+                                          learned_variance=bool(d.learned_variance),
+                                          shift=float(d.get("schedule_shift", 1.0)))
 
     def sampling_diffusion(self, steps: int | None = None):
         return D.respace(self.diffusion, int(steps or self.config.sampling.steps))[0]
