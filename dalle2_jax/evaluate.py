@@ -29,6 +29,9 @@ def define_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_multi_string("sampling", [], "KEY=VALUE: override a key of the workdir's config.sampling for this "
                               "evaluation (repeatable), e.g. --sampling steps=50 --sampling eta=1.0.",
                               flag_values=fv)
+    flags.DEFINE_list("renoise_steps", [], "Decoder: timesteps t (comma-separated, e.g. 300,500,800) at which "
+                      "to also noise each test image and sample it back, scored by the scene checker "
+                      "(renoise_t<t>_* metrics; config.eval.renoise_steps).", flag_values=fv)
 
 
 def apply_sampling_overrides(config, overrides: list[str]) -> dict[str, str]:
@@ -64,10 +67,10 @@ def apply_sampling_overrides(config, overrides: list[str]) -> dict[str, str]:
 def evaluate_workdir(workdir: str, step: int | None = None, raw_params: bool = False,
                      max_examples: int | None = None, data_name: str | None = None,
                      data_dir: str | None = None, image_key: str | None = None, text_key: str | None = None,
-                     sampling: list[str] | None = None) -> dict:
+                     sampling: list[str] | None = None, renoise_steps: list | None = None) -> dict:
     """Evaluates a workdir's checkpoint with its stage's evaluation (on its own data set, or `data_name` in
-    `data_dir` with its `image_key` / `text_key`; `sampling`: "KEY=VALUE" overrides of config.sampling);
-    returns the metrics dict."""
+    `data_dir` with its `image_key` / `text_key`; `sampling`: "KEY=VALUE" overrides of config.sampling;
+    `renoise_steps`: a decoder's eval.renoise_steps for this evaluation); returns the metrics dict."""
     import jax
 
     from dalle2_jax.data import pipeline
@@ -95,6 +98,19 @@ def evaluate_workdir(workdir: str, step: int | None = None, raw_params: bool = F
         overrides = apply_sampling_overrides(config, list(sampling or []))
     except ValueError as e:
         raise ConfigError("sampling", str(e)) from None
+    renoise = []
+    for t in renoise_steps or ():
+        try:
+            renoise.append(int(t))
+        except ValueError:
+            raise ConfigError("renoise_steps", f"timesteps are integers, got {t!r}") from None
+    if renoise:
+        if config.stage != "decoder":
+            raise ConfigError("renoise_steps", f"only a decoder workdir has it (this one is a {config.stage})")
+        bad = [t for t in renoise if not 0 < t < int(config.diffusion.num_steps)]
+        if bad:
+            raise ConfigError("renoise_steps", f"timesteps must be in (0, {config.diffusion.num_steps}), got {bad}")
+        config.eval.renoise_steps = tuple(renoise)
     stage = get_stage_class(config.stage)(config, workdir)
     stage.setup_model()
     pipeline.prepare_dataset(config.data)
@@ -111,6 +127,9 @@ def evaluate_workdir(workdir: str, step: int | None = None, raw_params: bool = F
     if overrides:  # a report of its own, so the training run's eval_<step>.json and grids stay as they were
         extra = {"sampling_overrides": dict(sorted(overrides.items()))}
         suffix = "_" + "_".join(f"{k}{v}" for k, v in extra["sampling_overrides"].items())
+    if renoise:
+        extra["renoise_steps"] = renoise
+        suffix += "_renoise" + "-".join(map(str, renoise))
     if raw_params:
         suffix += "_raw"
     result = evaluate_and_report(run, params, info["step"], info["params"], writer, suffix, extra)
@@ -122,7 +141,7 @@ def evaluate_workdir(workdir: str, step: int | None = None, raw_params: bool = F
 def main(fv: flags.FlagValues) -> None:
     with exit_on_errors():
         result = evaluate_workdir(fv.workdir, fv.step, fv.raw_params, fv.max_examples, fv.data_name, fv.data_dir,
-                                  fv.image_key, fv.text_key, fv.sampling)
+                                  fv.image_key, fv.text_key, fv.sampling, fv.renoise_steps)
     print(json.dumps(result, sort_keys=True), flush=True)
 
 

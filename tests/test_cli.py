@@ -121,6 +121,15 @@ def test_evaluate_sampling_overrides_write_their_own_report(trained_decoder, tmp
     assert json.loads(out.strip().splitlines()[-1])["params"] == "raw"
     assert os.path.exists(os.path.join(workdir, "reports", "eval_4_raw.json"))
     assert json.load(open(os.path.join(workdir, "reports", "eval_4.json"))) == before
+    code, out, err = _run(capsys, "evaluate", "--workdir", workdir, "--renoise_steps", "1,900",
+                          "--max_examples", "8")
+    assert code == 0, err
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["renoise_steps"] == [1, 900] and 0 <= result["renoise_t900_color_acc"] <= 1
+    assert os.path.exists(os.path.join(workdir, "reports", "eval_4_renoise1-900.json"))
+    for bad, message in [("0", "must be in (0, 1000)"), ("x", "integers")]:
+        code, _, err = _run(capsys, "evaluate", "--workdir", workdir, "--renoise_steps", bad)
+        assert code == 2 and message in err, (bad, err)
     for bad, message in [("steps", "KEY=VALUE"), ("nope=1", "not a key"), ("steps=many", "steps=many"),
                          ("clip_x0=maybe", "true or false")]:
         code, _, err = _run(capsys, "evaluate", "--workdir", workdir, "--sampling", bad)
