@@ -14,7 +14,7 @@
 # OUTDIR/timings.tsv records the wall time of each step.
 set -euo pipefail
 OUT=${1:?usage: launch/shapes_recipe.sh OUTDIR}
-CLIP_STEPS=${CLIP_STEPS:-2000}
+CLIP_STEPS=${CLIP_STEPS:-3000}
 PRIOR_STEPS=${PRIOR_STEPS:-1000}
 DECODER_STEPS=${DECODER_STEPS:-2500}
 UPSAMPLER_STEPS=${UPSAMPLER_STEPS:-400}
