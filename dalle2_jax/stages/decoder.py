@@ -357,7 +357,9 @@ class DecoderStage(FrozenClipMixin, ImageDiffusionStage):
                                                              "background_acc", "all_correct", "shape_acc_small",
                                                              "shape_acc_large")})
                 for t in cfg.eval.get("renoise_steps", ()):  # where along the chain the attributes are lost
-                    fn = j.setdefault(f"renoise_{int(t)}", self.make_renoiser(int(t)))
+                    if f"renoise_{int(t)}" not in j:  # built once, like the other eval jits (no recompiles)
+                        j[f"renoise_{int(t)}"] = self.make_renoiser(int(t))
+                    fn = j[f"renoise_{int(t)}"]
                     rec = run_batched(lambda x, tok, im, i, fn=fn: fn(params, j["cond"](frozen, x), tok, im,
                                                                      jax.random.fold_in(key, i)),
                                       bs, clip_images, tokens, images, mesh=mesh)
