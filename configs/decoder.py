@@ -96,7 +96,8 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.eval.max_examples = 256
     c.eval.grid_size = 16  # samples in the PNG / TensorBoard grid
     # Timesteps t: also noise each test image to t and sample it back (SDEdit), scored by the scene checker
-    # (renoise_t<t>_*): where along the chain the shapes are lost. E.g. (100, 300, 500, 800).
+    # (renoise_t<t>_*): where along the chain the shapes are lost. E.g. (100, 300, 500, 800). At the same t,
+    # the conditioning probe: one-step x0 error with each condition dropped or shuffled (x0_mse_t<t>_*).
     c.eval.renoise_steps = ()
     c.data.embeddings_dir = ""  # take image embeddings from `python -m dalle2_jax.tools.embed` output
 

@@ -31,7 +31,8 @@ def define_flags(fv: flags.FlagValues) -> None:
                               flag_values=fv)
     flags.DEFINE_list("renoise_steps", [], "Decoder: timesteps t (comma-separated, e.g. 300,500,800) at which "
                       "to also noise each test image and sample it back, scored by the scene checker "
-                      "(renoise_t<t>_* metrics; config.eval.renoise_steps).", flag_values=fv)
+                      "(renoise_t<t>_* metrics; config.eval.renoise_steps), and the conditioning probe's "
+                      "x0_mse_t<t>_* errors.", flag_values=fv)
 
 
 def apply_sampling_overrides(config, overrides: list[str]) -> dict[str, str]:

@@ -42,7 +42,8 @@ def test_decoder_train_evaluate_and_sample(trained_decoder):
 
 def test_decoder_renoise_probe(trained_decoder, tmp_path):
     """make_renoiser: noised to t = 1 and sampled back, an image comes back nearly unchanged, and from
-    t = 900 it does not; eval.renoise_steps adds the checker's renoise_t<t>_* accuracies to the evaluation."""
+    t = 900 it does not; eval.renoise_steps adds the checker's renoise_t<t>_* accuracies to the evaluation, and
+    the conditioning probe's x0_mse_t<t>_<mode> errors."""
     from dalle2_jax.data import pipeline
     from dalle2_jax.training.checkpoint import load_params, read_config
     from dalle2_jax.training.trainer import evaluate_and_report
@@ -78,6 +79,18 @@ def test_decoder_renoise_probe(trained_decoder, tmp_path):
             v = result[f"renoise_t{t}_{k}"]
             assert np.isnan(v) or 0 <= v <= 1, (t, k, v)
     assert result["renoise_t1_color_acc"] >= 0.75  # the real images, barely noised, keep their colours
+    # the conditioning probe: x0 MSE per conditioning; at t = 1 the prediction is the image itself
+    for t in (1, 900):
+        for m in stage.COND_PROBE_MODES:
+            assert np.isfinite(result[f"x0_mse_t{t}_{m}"]) and result[f"x0_mse_t{t}_{m}"] >= 0, (t, m)
+    assert result["x0_mse_t1_both"] < 1e-3 < result["x0_mse_t900_both"]
+    err = np.asarray(stage.make_conditioning_probe(900)(params, emb, tokens, images, jax.random.key(0)))
+    assert err.shape == (4, len(stage.COND_PROBE_MODES))
+    both, image, caption, none, _ = err.T
+    # the drops reach the model (a 4-step model barely uses its conditions, so the differences are small)
+    assert (both != none).any() and (both != caption).any() and (both != image).any()
+    with pytest.raises(ValueError, match="conditioning probe timestep"):
+        stage.make_conditioning_probe(0)
 
 
 @pytest.mark.slow

@@ -272,6 +272,40 @@ class DecoderStage(FrozenClipMixin, ImageDiffusionStage):
 
         return jax.jit(renoise)
 
+    COND_PROBE_MODES = ("both", "image", "caption", "none", "shuffled")
+
+    def make_conditioning_probe(self, t: int):
+        """A jitted (params, image_emb [B, E], tokens [B, L], images uint8 [B, R, R, 3], key) -> [B, 5]: each
+        image noised to timestep `t`, then the model's one-step x0 prediction's mean squared error against the
+        image (model space, x0 clipped to [-1, 1]) under each conditioning of COND_PROBE_MODES: both (embedding
+        and caption), image (embedding only, caption dropped), caption (caption only, embedding dropped), none
+        (both dropped) and shuffled (both, taken from the next image in the batch). A condition the decoder
+        uses lowers the error below `none`; `shuffled` above `both` tells what the wrong one costs."""
+        d = self.diffusion
+        if not 0 < t < d.num_steps:
+            raise ValueError(f"conditioning probe timestep must be in (0, {d.num_steps}), got {t}")
+
+        def probe(params, image_emb, tokens, images, key):
+            b = images.shape[0]
+            x0 = to_model_space(images)
+            tt = jnp.full((b,), t, jnp.int32)
+            x_t = D.q_sample(d, x0, tt, jax.random.normal(key, x0.shape))
+            toks = self.caption_tokens(tokens)
+            no, yes = jnp.zeros((b,), bool), jnp.ones((b,), bool)
+            modes = {"both": (image_emb, toks, no, no), "image": (image_emb, toks, no, yes),
+                     "caption": (image_emb, toks, yes, no), "none": (image_emb, toks, yes, yes),
+                     "shuffled": (jnp.roll(image_emb, 1, 0), jnp.roll(toks, 1, 0), no, no)}
+            errs = []
+            for name in self.COND_PROBE_MODES:
+                e, tk, drop_i, drop_t = modes[name]
+                out = self.unet.apply(params, x_t, tt, image_emb=e, tokens=tk, drop_image=drop_i, drop_text=drop_t)
+                mean, _ = D.split_output(d, out, x_t.shape)
+                x0_hat, _ = D.model_output_to_x0_eps(d, x_t, tt, mean)
+                errs.append(jnp.mean((jnp.clip(x0_hat, -1.0, 1.0) - x0) ** 2, axis=(1, 2, 3)))
+            return jnp.stack(errs, axis=1)
+
+        return jax.jit(probe)
+
     def make_inverter(self, steps: int | None = None, guidance_scale: float | None = None,
                       fixed_point_iters: int = 3):
         """A jitted (params, image_emb [B, E], tokens [B, L], images uint8 [B, R, R, 3]) -> x_T [B, R, R, 3]:
@@ -366,6 +400,14 @@ class DecoderStage(FrozenClipMixin, ImageDiffusionStage):
                     px = scene_checker.attribute_accuracy(rec, decoded)
                     out.update({f"renoise_t{int(t)}_{k}": px[k] for k in ("color_acc", "shape_acc",
                                                                           "shape_acc_small", "shape_acc_large")})
+        for t in cfg.eval.get("renoise_steps", ()):  # which conditions the prediction at t uses
+            if f"cond_probe_{int(t)}" not in j:
+                j[f"cond_probe_{int(t)}"] = self.make_conditioning_probe(int(t))
+            fn = j[f"cond_probe_{int(t)}"]
+            err = run_batched(lambda x, tok, im, i, fn=fn: fn(params, j["cond"](frozen, x), tok, im,
+                                                             jax.random.fold_in(key, i)),
+                              bs, clip_images, tokens, images, mesh=mesh)
+            out.update({f"x0_mse_t{int(t)}_{m}": float(v) for m, v in zip(self.COND_PROBE_MODES, err.mean(0))})
         g = min(int(cfg.eval.grid_size), len(records))
         out["images"] = {"decoder": image_grid([images[:g], samples[:g]])}  # top: real, bottom: sampled
         return out
