@@ -89,6 +89,12 @@ def test_decoder_renoise_probe(trained_decoder, tmp_path):
     both, image, caption, none, _ = err.T
     # the drops reach the model (a 4-step model barely uses its conditions, so the differences are small)
     assert (both != none).any() and (both != caption).any() and (both != image).any()
+    # an all-padding caption is what a dropped caption is: then `image` is `both` and `none` is `caption`
+    pad = np.full_like(np.asarray(tokens), stage.pad_id)
+    both, image, caption, none, _ = np.asarray(stage.make_conditioning_probe(900)(
+        params, emb, pad, images, jax.random.key(0))).T
+    np.testing.assert_array_equal(both, image)
+    np.testing.assert_array_equal(caption, none)
     with pytest.raises(ValueError, match="conditioning probe timestep"):
         stage.make_conditioning_probe(0)
 
