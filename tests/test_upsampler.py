@@ -79,3 +79,36 @@ def test_upsampler_config_errors(shapes_256_data_dir):
     with pytest.raises(ConfigError, match="config.sampling.noise_level"):
         validate_config(small_upsampler_config(shapes_256_data_dir, **{"model.max_noise_level": 50,
                                                                        "sampling.noise_level": 50}), num_devices=1)
+
+
+def test_residual_upsampler_starts_at_bicubic(shapes_256_data_dir):
+    """model.predict_residual: the UNet's x0 is bicubic(low) + its output, so an initialised model (zero output
+    layer) samples exactly the bicubic upsampling (DDIM, x0 = bicubic at every step), and a trained one
+    departs from it by what it learned. Without it, the same initialised model samples noise, not bicubic."""
+    from dalle2_jax.data import degradations as G
+    from dalle2_jax.stages import get_stage_class
+    from dalle2_jax.stages.image_diffusion import to_model_space, to_uint8
+    from dalle2_jax.training.config import ConfigError, validate_config
+
+    cfg = small_upsampler_config(shapes_256_data_dir, **{"model.predict_residual": True,
+                                                         "diffusion.model_output": "x0"})
+    validate_config(cfg, num_devices=1)
+    stage = get_stage_class("upsampler")(cfg, "")
+    stage.setup_model()
+    params = stage.init_params(jax.random.key(0))
+    low = np.random.default_rng(0).integers(0, 256, (2, 16, 16, 3), dtype=np.uint8)
+    bicubic = np.asarray(to_uint8(jax.image.resize(to_model_space(low), (2, 64, 64, 3), "bicubic")))
+    out = np.asarray(stage.make_sampler()(params, low, jax.random.key(1)))
+    np.testing.assert_array_equal(out, bicubic)
+    assert np.abs(out[0].astype(int) - G.upsample_bicubic(low[0], 4).astype(int)).mean() < 2  # the data's bicubic
+
+    plain = small_upsampler_config(shapes_256_data_dir, **{"model.predict_residual": False})
+    stage = get_stage_class("upsampler")(plain, "")
+    stage.setup_model()
+    out = np.asarray(stage.make_sampler()(stage.init_params(jax.random.key(0)), low, jax.random.key(1)))
+    assert np.abs(out.astype(int) - bicubic).mean() > 20
+
+    with pytest.raises(ConfigError, match="config.model.predict_residual"):
+        validate_config(small_upsampler_config(shapes_256_data_dir, **{"model.predict_residual": True,
+                                                                       "diffusion.model_output": "v"}),
+                        num_devices=1)

@@ -210,7 +210,9 @@ class UNet(nn.Module):
         `image_tokens` context tokens; rows with drop_image=True use a learned null embedding instead.
       tokens [B, L] (caption_depth > 0): the caption transformer; rows with drop_text=True use an
         all-padding caption.
-      low_res [B, h, w, 3] (low_res=True): upsampled to H x W (`low_res_upsample` mode) and concatenated to x.
+      low_res [B, h, w, 3] (low_res=True): upsampled to H x W (`low_res_upsample` mode) and concatenated to x;
+        with residual_low_res also added to the output (the first out_channels), which then predicts x0 as
+        upsampled low-res + correction.
       noise_level [B] (noise_level_cond=True): the low-res augmentation level in [0, 1000), embedded like t.
 
     `patch_size` p > 1 folds each p x p patch of the input (after the low-res concatenation) into channels
@@ -247,6 +249,9 @@ class UNet(nn.Module):
     caption_scan_layers: bool = False  # stack the caption blocks on a `layers` axis (one compiled block)
     low_res: bool = False
     low_res_upsample: str = "bicubic"
+    # With low_res: add the upsampled low-res input to the (x0-predicting) output, so the UNet predicts x0's
+    # residual over bicubic; with the zero-initialised output layer an untrained upsampler returns bicubic.
+    residual_low_res: bool = False
     noise_level_cond: bool = False
     remat: str = "none"
     patch_size: int = 1
@@ -309,6 +314,7 @@ class UNet(nn.Module):
         ctx = jnp.concatenate(context, axis=1) if context else None
 
         h = x.astype(self.dtype)
+        up = None
         if self.low_res:
             if low_res is None:
                 raise ValueError("this UNet is an upsampler: pass low_res [B, h, w, 3]")
@@ -370,4 +376,10 @@ class UNet(nn.Module):
             p = 1
         h = jax.nn.silu(GroupNorm(self.groups, dtype=self.dtype, name="out_norm")(h))
         out = Conv(out_ch * p * p, zero_init=True, dtype=self.dtype, name="out_conv")(h).astype(jnp.float32)
-        return depth_to_space(out, p) if p > 1 else out
+        out = depth_to_space(out, p) if p > 1 else out
+        if self.residual_low_res:
+            if up is None:
+                raise ValueError("residual_low_res needs low_res=True (an upsampler UNet)")
+            n = up.shape[-1]
+            out = jnp.concatenate([out[..., :n] + up, out[..., n:]], axis=-1)
+        return out

@@ -1,6 +1,8 @@
 """The upsampler stages (64->256 and 256->1024): convolution-only UNets conditioned on a low-res image.
 
-The low-res image is upsampled (bicubic) and concatenated to the noisy input. Training corrupts it
+The low-res image is upsampled (bicubic) and concatenated to the noisy input; with `model.predict_residual`
+it is also added to the UNet's x0 prediction, so the UNet learns the correction to bicubic (as SRDiff's
+residual target) and starts from bicubic's quality. Training corrupts it
 (`model.degradation`: Gaussian blur, kernel 3, sigma 0.6 for 64->256; BSR-style for 256->1024; optionally
 also noised at a random level the UNet is told, `model.max_noise_level`) and uses random crops a quarter
 of the target side (`data.crop_size`); sampling runs at full size (DDIM). No caption. Evaluation makes the
@@ -48,6 +50,10 @@ class UpsamplerStage(ImageDiffusionStage):
             if side % ds:
                 raise ConfigError(name, f"{side} is not divisible by {ds}, the UNet's total downsampling "
                                   f"({len(m.channel_mult)} levels)")
+        if m.get("predict_residual", False) and config.diffusion.model_output != "x0":
+            raise ConfigError("model.predict_residual", "the UNet's output is added to the upsampled low-res image, "
+                              f"so it must predict x0: set diffusion.model_output=x0 (it is "
+                              f"{config.diffusion.model_output!r})")
         if m.degradation not in DEGRADATIONS:
             raise ConfigError("model.degradation", f"unknown degradation {m.degradation!r}; use one of {DEGRADATIONS}")
         if m.blur_size <= 0 or m.blur_size % 2 == 0 or m.blur_sigma <= 0:
@@ -68,6 +74,7 @@ class UpsamplerStage(ImageDiffusionStage):
         m = self.config.model
         self.factor = int(self.config.data.resolution) // int(self.config.data.low_res_resolution)
         self.unet = UNet(**self.unet_kwargs(), out_channels=3, low_res=True, low_res_upsample=m.low_res_upsample,
+                         residual_low_res=bool(m.get("predict_residual", False)),
                          noise_level_cond=bool(m.max_noise_level))
         self.build_diffusion()
 
