@@ -478,3 +478,22 @@ def test_dynamic_threshold_and_static_clip():
         D.process_x0(x0, clip_x0=(1.0, -1.0))
     with pytest.raises(ValueError, match="percentile"):
         D.dynamic_threshold(x0, 0.0)
+
+
+def test_timestep_sampling():
+    """uniform covers [0, N) evenly; logit_normal (SD3) stays in range and puts more of the batch in the middle
+    half (about 0.73 of it for N(0, 1), against uniform's 0.5), shifted by its mean; unknown kinds fail."""
+    from dalle2_jax.diffusion import sample_timesteps
+
+    key, n = jax.random.key(0), 1000
+    u = np.asarray(sample_timesteps(key, 20000, n))
+    ln = np.asarray(sample_timesteps(key, 20000, n, "logit_normal"))
+    shifted = np.asarray(sample_timesteps(key, 20000, n, "logit_normal", mean=1.0))
+    for t in (u, ln, shifted):
+        assert t.dtype == np.int32 and t.min() >= 0 and t.max() <= n - 1
+    middle = lambda t: np.mean((t >= 250) & (t < 750))  # noqa: E731
+    assert abs(middle(u) - 0.5) < 0.02 and abs(np.mean(u) - 499.5) < 10
+    assert abs(middle(ln) - 0.728) < 0.02 and abs(np.mean(ln) - 499.5) < 10
+    assert np.mean(shifted) > 650
+    with pytest.raises(ValueError, match="unknown timestep sampling"):
+        sample_timesteps(key, 4, n, "beta")

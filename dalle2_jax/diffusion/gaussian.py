@@ -39,6 +39,23 @@ def min_snr_weight(diff: Diffusion, t: jax.Array, gamma: float) -> jax.Array:
     elif diff.model_output == "v":
         w = w / (snr + 1.0)
     return jnp.asarray(w.astype(np.float32))[t]
+TIMESTEP_SAMPLINGS = ("uniform", "logit_normal")
+
+
+def sample_timesteps(key: jax.Array, batch: int, num_steps: int, kind: str = "uniform", mean: float = 0.0,
+                     std: float = 1.0) -> jax.Array:
+    """Training timesteps int [batch] in [0, num_steps): `uniform`, or `logit_normal` (Esser et al. 2024,
+    "Scaling Rectified Flow Transformers", SD3): t / num_steps = sigmoid(u), u ~ N(mean, std^2), which puts
+    more of the batch at the middle noise levels (mean 0) than at the nearly clean and nearly pure-noise ends.
+    The loss is not reweighted, so the middle steps also count more in the objective."""
+    if kind == "uniform":
+        return jax.random.randint(key, (batch,), 0, num_steps)
+    if kind == "logit_normal":
+        u = jax.nn.sigmoid(mean + std * jax.random.normal(key, (batch,), jnp.float32))
+        return jnp.clip(jnp.floor(u * num_steps).astype(jnp.int32), 0, num_steps - 1)
+    raise ValueError(f"unknown timestep sampling {kind!r}; use one of {TIMESTEP_SAMPLINGS}")
+
+
 FIXED_VARIANCES = ("small", "large")
 _LOG_PROB_FLOOR = math.log(1e-12)
 _MAX_Z = 1e4

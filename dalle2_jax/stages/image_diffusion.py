@@ -157,7 +157,9 @@ class ImageDiffusionStage(Stage):
         from dalle2_jax.stages.prior import quartile_losses
 
         k_t, k_noise = jax.random.split(rng)
-        t = jax.random.randint(k_t, (x0.shape[0],), 0, self.diffusion.num_steps)
+        d = self.config.diffusion
+        t = D.sample_timesteps(k_t, x0.shape[0], self.diffusion.num_steps, d.get("timestep_sampling", "uniform"),
+                               float(d.get("logit_normal_mean", 0.0)), float(d.get("logit_normal_std", 1.0)))
         noise = jax.random.normal(k_noise, x0.shape, jnp.float32)
         terms = D.training_losses(self.diffusion, model_fn, x0, t, noise,
                                   min_snr_gamma=float(self.config.diffusion.get("min_snr_gamma", 0.0)))
