@@ -497,3 +497,15 @@ def test_timestep_sampling():
     assert np.mean(shifted) > 650
     with pytest.raises(ValueError, match="unknown timestep sampling"):
         sample_timesteps(key, 4, n, "beta")
+
+    from configs.decoder import get_config
+    from dalle2_jax.stages.base import validate_diffusion_keys
+    from dalle2_jax.training.config import ConfigError
+
+    cfg = get_config("shapes")
+    validate_diffusion_keys(cfg, ("ddpm", "ddim"))
+    for key_, bad in (("timestep_sampling", "beta"), ("logit_normal_std", 0.0)):
+        c = get_config("shapes")
+        c.diffusion[key_] = bad
+        with pytest.raises(ConfigError, match=f"config.diffusion.{key_}"):
+            validate_diffusion_keys(c, ("ddpm", "ddim"))

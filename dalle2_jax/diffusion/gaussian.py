@@ -39,6 +39,8 @@ def min_snr_weight(diff: Diffusion, t: jax.Array, gamma: float) -> jax.Array:
     elif diff.model_output == "v":
         w = w / (snr + 1.0)
     return jnp.asarray(w.astype(np.float32))[t]
+
+
 TIMESTEP_SAMPLINGS = ("uniform", "logit_normal")
 
 

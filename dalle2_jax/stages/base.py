@@ -96,9 +96,11 @@ def validate_diffusion_keys(config, samplers: tuple[str, ...]) -> None:
         raise ConfigError("diffusion.schedule_shift", f"must be > 0 (1 = unshifted), got {d.schedule_shift}")
     if float(d.get("min_snr_gamma", 0.0)) < 0:
         raise ConfigError("diffusion.min_snr_gamma", f"must be >= 0 (0 = unweighted), got {d.min_snr_gamma}")
-    if d.get("timestep_sampling", "uniform") not in ("uniform", "logit_normal"):
-        raise ConfigError("diffusion.timestep_sampling", f"unknown {d.timestep_sampling!r}; use uniform or "
-                          "logit_normal")
+    from dalle2_jax.diffusion.gaussian import TIMESTEP_SAMPLINGS
+
+    if d.get("timestep_sampling", "uniform") not in TIMESTEP_SAMPLINGS:
+        raise ConfigError("diffusion.timestep_sampling", f"unknown {d.timestep_sampling!r}; use one of "
+                          f"{TIMESTEP_SAMPLINGS}")
     if float(d.get("logit_normal_std", 1.0)) <= 0:
         raise ConfigError("diffusion.logit_normal_std", f"must be > 0, got {d.logit_normal_std}")
     if s.sampler not in samplers:
