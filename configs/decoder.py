@@ -77,6 +77,8 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     # > 1: every step's log-SNR lowered by 2 log(shift) (simple diffusion's shifted schedule; schedules.py)
     c.diffusion.schedule_shift = 1.0
     c.diffusion.min_snr_gamma = 0.0  # > 0: Min-SNR-gamma loss weighting (diffusion/gaussian.py); 0 = unweighted
+    # with min_snr_gamma: the x0-space weight's lower bound, max(floor, min(SNR, gamma)); 0 = plain Min-SNR
+    c.diffusion.min_snr_floor = 0.0
     # Training timesteps: uniform, or logit_normal (t / num_steps = sigmoid(N(mean, std^2)), SD3's choice: more of
     # each batch at the middle noise levels, where the layout and outlines are decided)
     c.diffusion.timestep_sampling = "uniform"

@@ -54,6 +54,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.diffusion.model_output = "x0"  # the paper's prior predicts the clean embedding
     c.diffusion.learned_variance = False
     c.diffusion.min_snr_gamma = 0.0  # > 0: Min-SNR-gamma loss weighting (diffusion/gaussian.py); 0 = unweighted
+    c.diffusion.min_snr_floor = 0.0  # with min_snr_gamma: the x0-space weight is max(floor, min(SNR, gamma))
 
     c.sampling = ml_collections.ConfigDict()
     c.sampling.sampler = "ddim"  # ddim | ddpm | analytic

@@ -47,6 +47,7 @@ def get_config(arg: str = "tiny_64to256") -> ml_collections.ConfigDict:
     c.diffusion.learned_variance = False
     c.diffusion.schedule_shift = 1.0  # > 1: log-SNR lowered by 2 log(shift) at every step (schedules.py)
     c.diffusion.min_snr_gamma = 0.0  # > 0: Min-SNR-gamma loss weighting (diffusion/gaussian.py); 0 = unweighted
+    c.diffusion.min_snr_floor = 0.0  # with min_snr_gamma: the x0-space weight is max(floor, min(SNR, gamma))
     # Training timesteps: uniform, or logit_normal (t / num_steps = sigmoid(N(mean, std^2)), SD3's choice: more of
     # each batch at the middle noise levels, where the layout and outlines are decided)
     c.diffusion.timestep_sampling = "uniform"

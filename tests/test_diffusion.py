@@ -168,10 +168,11 @@ def test_training_loss_targets(model_output):
 
 
 
-@pytest.mark.parametrize("gamma", [1.0, 5.0])
-def test_min_snr_weighting_is_one_objective_across_targets(gamma):
+@pytest.mark.parametrize("gamma,floor", [(1.0, 0.0), (5.0, 0.0), (5.0, 1.0)])
+def test_min_snr_weighting_is_one_objective_across_targets(gamma, floor):
     """Min-SNR-gamma weighs each target so the loss is the same function of the implied x0 error: an eps (or
-    v) prediction and the x0 prediction it implies give equal weighted losses, min(SNR, g) * |x0 - x0_hat|^2."""
+    v) prediction and the x0 prediction it implies give equal weighted losses, max(floor, min(SNR, g)) *
+    |x0 - x0_hat|^2."""
     k1, k2, k3, k4 = jax.random.split(jax.random.key(3), 4)
     x0 = jax.random.normal(k1, (16, 6))
     noise = jax.random.normal(k2, (16, 6))
@@ -184,15 +185,21 @@ def test_min_snr_weighting_is_one_objective_across_targets(gamma):
     x0_hat = {mo: D.model_output_to_x0_eps(d[mo], x_t, t, guess)[0] for mo in d}  # what each target implies
     losses = {}
     for mo in d:
-        losses[mo] = D.training_losses(d[mo], lambda xt, tt: guess, x0, t, noise, min_snr_gamma=gamma)
-        want = np.minimum(snr, gamma) * np.mean((np.asarray(x0) - np.asarray(x0_hat[mo])) ** 2, axis=1)
+        losses[mo] = D.training_losses(d[mo], lambda xt, tt: guess, x0, t, noise, min_snr_gamma=gamma,
+                                       min_snr_floor=floor)
+        err = np.mean((np.asarray(x0) - np.asarray(x0_hat[mo])) ** 2, axis=1)
+        want = np.maximum(np.minimum(snr, gamma), floor) * err
         np.testing.assert_allclose(losses[mo]["loss"], want, rtol=2e-3, atol=1e-6)
         # the 'mse' metric stays the unweighted regression error
         unweighted = D.training_losses(d[mo], lambda xt, tt: guess, x0, t, noise)
         np.testing.assert_allclose(losses[mo]["mse"], unweighted["mse"], rtol=1e-6)
-    # x0 weights are min(SNR, g) itself: below 1 at the noisiest step, g at the cleanest
-    w = np.asarray(D.min_snr_weight(d["x0"], t, gamma))
-    assert w[3] < 1e-3 and w[0] == pytest.approx(gamma)
+    # x0 weights are min(SNR, g) itself: below 1 at the noisiest step (or the floor), g at the cleanest
+    w = np.asarray(D.min_snr_weight(d["x0"], t, gamma, floor))
+    assert w[0] == pytest.approx(gamma)
+    if floor:
+        assert w[3] == pytest.approx(floor) and w[2] == pytest.approx(max(floor, min(snr[2], gamma)), rel=1e-5)
+    else:
+        assert w[3] < 1e-3
     # a gamma above every SNR leaves the eps loss unweighted
     big = D.training_losses(d["eps"], lambda xt, tt: guess, x0, t, noise, min_snr_gamma=1e12)
     np.testing.assert_allclose(big["loss"], big["mse"], rtol=1e-5)
@@ -504,7 +511,8 @@ def test_timestep_sampling():
 
     cfg = get_config("shapes")
     validate_diffusion_keys(cfg, ("ddpm", "ddim"))
-    for key_, bad in (("timestep_sampling", "beta"), ("logit_normal_std", 0.0)):
+    for key_, bad in (("timestep_sampling", "beta"), ("logit_normal_std", 0.0), ("min_snr_floor", -1.0),
+                      ("min_snr_floor", 6.0)):  # the floor must not exceed shapes' gamma of 5
         c = get_config("shapes")
         c.diffusion[key_] = bad
         with pytest.raises(ConfigError, match=f"config.diffusion.{key_}"):

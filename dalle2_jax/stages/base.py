@@ -96,6 +96,10 @@ def validate_diffusion_keys(config, samplers: tuple[str, ...]) -> None:
         raise ConfigError("diffusion.schedule_shift", f"must be > 0 (1 = unshifted), got {d.schedule_shift}")
     if float(d.get("min_snr_gamma", 0.0)) < 0:
         raise ConfigError("diffusion.min_snr_gamma", f"must be >= 0 (0 = unweighted), got {d.min_snr_gamma}")
+    floor = float(d.get("min_snr_floor", 0.0))
+    if floor < 0 or (floor > 0 and not 0 < floor <= float(d.get("min_snr_gamma", 0.0))):
+        raise ConfigError("diffusion.min_snr_floor", f"must be 0 or in (0, min_snr_gamma={d.get('min_snr_gamma', 0.0)}]"
+                          f" (a lower bound of the Min-SNR weight), got {floor}")
     from dalle2_jax.diffusion.gaussian import TIMESTEP_SAMPLINGS
 
     if d.get("timestep_sampling", "uniform") not in TIMESTEP_SAMPLINGS:

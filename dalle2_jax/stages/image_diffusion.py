@@ -162,7 +162,8 @@ class ImageDiffusionStage(Stage):
                                float(d.get("logit_normal_mean", 0.0)), float(d.get("logit_normal_std", 1.0)))
         noise = jax.random.normal(k_noise, x0.shape, jnp.float32)
         terms = D.training_losses(self.diffusion, model_fn, x0, t, noise,
-                                  min_snr_gamma=float(self.config.diffusion.get("min_snr_gamma", 0.0)))
+                                  min_snr_gamma=float(d.get("min_snr_gamma", 0.0)),
+                                  min_snr_floor=float(d.get("min_snr_floor", 0.0)))
         metrics = {k: jnp.mean(v) for k, v in terms.items() if k != "loss"}
         metrics.update(quartile_losses(terms["loss"], t, self.diffusion.num_steps))
         return jnp.mean(terms["loss"]), metrics

@@ -257,7 +257,8 @@ class PriorStage(FrozenClipMixin, Stage):
             return self.prior.apply(params, x_t, t_orig, txt * self.scale, states, valid, drop)
 
         terms = D.training_losses(self.diffusion, model_fn, self.to_diffusion(img), t, noise,
-                                  min_snr_gamma=float(self.config.diffusion.get("min_snr_gamma", 0.0)))
+                                  min_snr_gamma=float(self.config.diffusion.get("min_snr_gamma", 0.0)),
+                                  min_snr_floor=float(self.config.diffusion.get("min_snr_floor", 0.0)))
         loss = jnp.mean(terms["loss"])
         return loss, quartile_losses(terms["loss"], t, self.diffusion.num_steps)
 
