@@ -11,10 +11,13 @@
 #     EXTRA_FLAGS=--config.optimizer.warmup_steps=1 launch/shapes_recipe.sh /tmp/smoke   # warm-ups must be < steps
 # EXTRA_FLAGS is appended to every train command (e.g. EXTRA_FLAGS="--config.data.data_dir=DATA"), EMBED_FLAGS
 # to the embed command; SKIP_REPORT=1 stops after the export (the report needs captioned_shapes' scenes).
+# CLIP_WORKDIR reuses a CLIP trained elsewhere (the Quick start's runs/clip_tiny: 2500 steps, so it returns
+# at once); by default the CLIP is trained in OUTDIR/clip.
 # OUTDIR/timings.tsv records the wall time of each step.
 set -euo pipefail
 OUT=${1:?usage: launch/shapes_recipe.sh OUTDIR}
-CLIP_STEPS=${CLIP_STEPS:-3000}
+CLIP_STEPS=${CLIP_STEPS:-2500}
+CLIP_WORKDIR=${CLIP_WORKDIR:-$OUT/clip}
 PRIOR_STEPS=${PRIOR_STEPS:-1000}
 DECODER_STEPS=${DECODER_STEPS:-3000}
 UPSAMPLER_STEPS=${UPSAMPLER_STEPS:-400}
@@ -36,33 +39,33 @@ step() {  # step NAME COMMAND...: runs the command, appends "NAME<TAB>seconds" t
 }
 
 # shellcheck disable=SC2086
-step clip dalle2-jax train --config configs/clip.py:tiny --workdir "$OUT/clip" \
+step clip dalle2-jax train --config configs/clip.py:tiny --workdir "$CLIP_WORKDIR" \
   --config.total_steps="$CLIP_STEPS" --config.eval_every=0 --config.checkpoint_every=500 $EXTRA_FLAGS
 if [ ! -f "$OUT/emb/.done" ]; then
   # shellcheck disable=SC2086
-  step embed dalle2-jax embed --clip_workdir "$OUT/clip" --out "$OUT/emb" $EMBED_FLAGS
+  step embed dalle2-jax embed --clip_workdir "$CLIP_WORKDIR" --out "$OUT/emb" $EMBED_FLAGS
   touch "$OUT/emb/.done"
 fi
 # shellcheck disable=SC2086
 step prior dalle2-jax train --config configs/prior.py:tiny --workdir "$OUT/prior" \
-  --config.clip_workdir="$OUT/clip" --config.data.embeddings_dir="$OUT/emb" \
+  --config.clip_workdir="$CLIP_WORKDIR" --config.data.embeddings_dir="$OUT/emb" \
   --config.total_steps="$PRIOR_STEPS" --config.eval_every=0 --config.checkpoint_every=500 $EXTRA_FLAGS
 # shellcheck disable=SC2086
 step decoder dalle2-jax train --config "$DECODER_CONFIG" --workdir "$OUT/decoder" \
-  --config.clip_workdir="$OUT/clip" --config.data.embeddings_dir="$OUT/emb" \
+  --config.clip_workdir="$CLIP_WORKDIR" --config.data.embeddings_dir="$OUT/emb" \
   --config.total_steps="$DECODER_STEPS" $EXTRA_FLAGS
 # shellcheck disable=SC2086
 step upsampler dalle2-jax train --config configs/upsampler.py:tiny_64to256 --workdir "$OUT/upsampler" \
   --config.total_steps="$UPSAMPLER_STEPS" --config.checkpoint_every=200 $EXTRA_FLAGS
 if [ ! -f "$OUT/bundle/manifest.json" ]; then
-  step export dalle2-jax export --clip "$OUT/clip" --prior "$OUT/prior" --decoder "$OUT/decoder" \
+  step export dalle2-jax export --clip "$CLIP_WORKDIR" --prior "$OUT/prior" --decoder "$OUT/decoder" \
     --upsampler "$OUT/upsampler" --out "$OUT/bundle"
 fi
 if [ "$SKIP_REPORT" = 1 ]; then
   echo "bundle: $OUT/bundle, timings: $TIMINGS"
   exit 0
 fi
-step report dalle2-jax shapes-report --bundle "$OUT/bundle" --clip_workdir "$OUT/clip" \
+step report dalle2-jax shapes-report --bundle "$OUT/bundle" --clip_workdir "$CLIP_WORKDIR" \
   --prior_workdir "$OUT/prior" --decoder_workdir "$OUT/decoder" --upsampler_workdir "$OUT/upsampler" \
   --out "$OUT" --num "$REPORT_NUM" --note "launch/shapes_recipe.sh; steps: clip $CLIP_STEPS, prior $PRIOR_STEPS, decoder $DECODER_STEPS ($DECODER_CONFIG), upsampler $UPSAMPLER_STEPS"
 echo "report: $OUT/report.md, grid: $OUT/grid.png, timings: $TIMINGS"
