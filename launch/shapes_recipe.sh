@@ -8,7 +8,7 @@
 # Every step resumes: rerunning the command after an interruption continues where it stopped (finished
 # stages return at once). Step counts can be changed through the environment, e.g. a smoke run:
 #   CLIP_STEPS=20 PRIOR_STEPS=20 DECODER_STEPS=10 UPSAMPLER_STEPS=10 REPORT_NUM=16 \
-#     EXTRA_FLAGS=--config.optimizer.warmup_steps=1 launch/shapes_recipe.sh /tmp/smoke   # warm-ups must be < steps
+#     launch/shapes_recipe.sh /tmp/smoke   # warm-ups and intervals longer than a run are clamped
 # EXTRA_FLAGS is appended to every train command (e.g. EXTRA_FLAGS="--config.data.data_dir=DATA"), EMBED_FLAGS
 # to the embed command; SKIP_REPORT=1 stops after the export (the report needs captioned_shapes' scenes).
 # CLIP_WORKDIR reuses a CLIP trained elsewhere (the Quick start's runs/clip_tiny: 2500 steps, so it returns

@@ -69,7 +69,7 @@ def test_bad_usage_exits_2_with_a_message(tmp_path, capsys):
     code, _, err = _run(capsys, "frobnicate")
     assert code == 2 and "unknown command" in err
     code, _, err = _run(capsys, "evaluate", "--workdir", str(tmp_path / "missing"))
-    assert code == 1 and "not a workdir" in err
+    assert code == 2 and "not a workdir" in err
 
 
 def test_train_on_a_user_folder(tmp_path, capsys):

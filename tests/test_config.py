@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from configs.clip import get_config
-from dalle2_jax.training.config import ConfigError, validate_config
+from dalle2_jax.training.config import ConfigError, clamp_short_run, validate_config
 
 
 def _cfg(**kw):
@@ -52,3 +52,28 @@ def test_every_variant_validates():
 def test_paper_config_asks_for_a_data_set():
     with pytest.raises(ConfigError, match="config.data.name: is empty"):
         validate_config(get_config("paper"), num_devices=1)
+
+
+def test_a_short_run_clamps_its_warmup_and_intervals():
+    c = _cfg(total_steps=12)
+    said = clamp_short_run(c)
+    assert c.optimizer.warmup_steps == 1 and c.log_every == 12 and c.eval_every == 12 and c.checkpoint_every == 12
+    assert any(s.startswith("optimizer.warmup_steps 100 -> 1") for s in said), said
+    validate_config(c, num_devices=1)
+    long = _cfg(total_steps=5000)
+    assert clamp_short_run(long) == [] and long.optimizer.warmup_steps == get_config("tiny").optimizer.warmup_steps
+
+
+def test_the_printed_rate_is_smoothed_over_a_window():
+    from dalle2_jax.training.metrics import RateWindow
+
+    pace = RateWindow(window=4)
+    assert pace.add(0.0, 0) == 0.0
+    for i in range(1, 5):
+        rate = pace.add(float(i), i * 10)  # 10 steps/s
+    assert rate == 10.0
+    rate = pace.add(14.0, 50)  # one interval held a 9 s pause (a checkpoint, an evaluation)
+    assert rate == 40 / 13  # the window's pace, not this interval's 1 step/s
+    for i in range(5):
+        rate = pace.add(15.0 + i, 60 + 10 * i)
+    assert rate == 10.0  # the pause has left the window

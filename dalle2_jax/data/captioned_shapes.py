@@ -26,7 +26,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
-from dalle2_jax.data import scenes
+from dalle2_jax.data import scenes, staging
 
 NAME = 'captioned_shapes'
 _DEFAULT_SIZES: dict[str, tuple[tuple[int, ...], int, int]] = {
@@ -55,7 +55,7 @@ def _config(name: str, resolutions: tuple[int, ...], num_train: int, num_test: i
         description=f'images at {"/".join(map(str, resolutions))} px; {num_train} train / {num_test} test; seed {seed}')
 
 
-class CaptionedShapes(tfds.core.GeneratorBasedBuilder):
+class CaptionedShapes(staging.QuietBuild, tfds.core.GeneratorBasedBuilder):
     """Procedural captioned shapes: a background plus 1-2 colored shapes, with a caption and the scene."""
 
     VERSION = tfds.core.Version('1.0.0')
@@ -173,8 +173,6 @@ def prepare_captioned_shapes(data_dir: str | os.PathLike, config_name: str = '64
     Returns the prepared builder: read it with `builder.as_data_source('train')` or
     `tfds.data_source(f'captioned_shapes/{builder.builder_config.name}', data_dir=data_dir, split=...)`.
     """
-    from dalle2_jax.data import staging
-
     def make(d):
         return make_builder(d, config_name, num_train, num_test, seed=seed, num_workers=num_workers)
 
@@ -183,7 +181,7 @@ def prepare_captioned_shapes(data_dir: str | os.PathLike, config_name: str = '64
     start = time.perf_counter()
     already = builder.is_prepared()
     if not already:  # a gs:// data dir is built locally and copied up (staging)
-        builder = staging.download_and_prepare(builder, data_dir, make)
+        builder = staging.download_and_prepare(builder, data_dir, make, progress=False)
     what = 'found' if already else 'built'
     print(f'{NAME}/{cfg.name}: {what} {cfg.num_train} train + {cfg.num_test} test examples '
           f'in {time.perf_counter() - start:.1f}s at {builder.data_dir}', flush=True)

@@ -56,6 +56,8 @@ import tensorflow_datasets as tfds
 from etils import epath
 from PIL import Image, ImageOps
 
+from dalle2_jax.data import staging
+
 NAME = 'image_folder_captions'
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({'.png', '.jpg', '.jpeg', '.bmp', '.gif', '.webp', '.tif', '.tiff'})
 CAPTIONS_FILE = 'captions.jsonl'
@@ -273,7 +275,7 @@ def clean_caption(text: str, max_chars: int = DEFAULT_MAX_CAPTION_CHARS,
 
 # -- the builder ----------------------------------------------------------------------------------
 
-class ImageFolderCaptions(tfds.core.GeneratorBasedBuilder):
+class ImageFolderCaptions(staging.QuietBuild, tfds.core.GeneratorBasedBuilder):
     """A folder of images with captions (captions.jsonl or .txt files beside the images)."""
 
     VERSION = tfds.core.Version('1.0.0')
@@ -538,8 +540,6 @@ def prepare_image_folder(folder: str | os.PathLike, data_dir: str | os.PathLike,
         builder.build_report = report
         what = 'found'
     else:
-        from dalle2_jax.data import staging
-
         builder = staging.download_and_prepare(builder, data_dir, lambda d: make_builder(folder, d, name, *options))
         report = builder.build_report = read_build_report(builder)
         what = 'built'

@@ -347,7 +347,9 @@ def read_manifest(path: str) -> dict:
         raise BundleError(f"no bundle at {path!r} (no such directory); make one with `dalle2-jax export`")
     mpath = fileio.join(path, MANIFEST)
     if not fileio.exists(mpath):
-        raise BundleError(f"{path!r} is not a bundle: {MANIFEST} is missing")
+        hint = ("it is a training workdir: make a bundle from it with `dalle2-jax export`"
+                if fileio.exists(fileio.join(path, "config.json")) else "make one with `dalle2-jax export`")
+        raise BundleError(f"{path!r} is not a bundle ({MANIFEST} is missing); {hint}")
     try:
         manifest = fileio.read_json(mpath)
     except (OSError, json.JSONDecodeError) as e:

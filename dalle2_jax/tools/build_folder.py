@@ -39,16 +39,14 @@ def define_flags(fv: flags.FlagValues) -> None:
 
 
 def main(fv: flags.FlagValues) -> None:
-    import sys
-
+    from dalle2_jax.cli_util import fail
     from dalle2_jax.data.image_folder import prepare_image_folder
 
     try:
         builder = prepare_image_folder(fv.folder, fv.data_dir, fv.name, fv.test_fraction, fv.max_side,
                                        fv.max_pixels, fv.max_caption_chars)
     except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        fail(str(e), 2)
     name = f"image_folder_captions/{builder.builder_config.name}"
     test = " --config.data.eval_split=test" if fv.test_fraction else " --config.data.eval_split=train[:256]"
     print(f"train on it with: --config.data.name={name} --config.data.image_key=image "

@@ -273,7 +273,10 @@ def read_config(workdir: str):
     """The resolved config saved in `<workdir>/config.json`."""
     path = fileio.join(workdir, "config.json")
     if not fileio.exists(path):
-        raise FileNotFoundError(f"{workdir!r} is not a workdir: {path} is missing")
+        what = "no such directory" if not fileio.isdir(workdir) else f"{path} is missing"
+        hint = ("; it is an inference bundle, not a workdir" if fileio.exists(fileio.join(workdir, "manifest.json"))
+                else "; pass the --workdir of a `dalle2-jax train` (or import-clip) run")
+        raise FileNotFoundError(f"{workdir!r} is not a workdir ({what}){hint}")
     return config_from_json(fileio.read_text(path))
 
 

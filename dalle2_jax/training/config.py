@@ -78,6 +78,27 @@ def base_config() -> ml_collections.ConfigDict:
 RUN_KEYS = ("seed", "batch_size", "total_steps", "log_every", "eval_every", "checkpoint_every")
 
 
+def clamp_short_run(config: ml_collections.ConfigDict) -> list[str]:
+    """Fits a run shorter than its warm-up or intervals, in place, and says what changed (one sentence
+    per key): a warm-up of total_steps or more becomes a tenth of the run, and log/eval/checkpoint
+    intervals longer than the run become total_steps (evaluation and the last checkpoint still come at
+    the end). `--config.total_steps=12` on its own is then a valid run."""
+    total = int(config.total_steps)
+    said = []
+    if total <= 0:
+        return said  # validate_config names the key
+    opt = config.optimizer
+    if int(opt.warmup_steps) >= total:
+        warmup = total // 10
+        said.append(f"optimizer.warmup_steps {opt.warmup_steps} -> {warmup} (a tenth of total_steps={total})")
+        opt.warmup_steps = warmup
+    for key in ("log_every", "eval_every", "checkpoint_every"):
+        if int(config[key]) > total:
+            said.append(f"{key} {config[key]} -> {total}")
+            config[key] = total
+    return said
+
+
 def validate_config(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
     """Checks the shared keys, then the stage's own; raises ConfigError naming the key."""
     from dalle2_jax.stages import get_stage_class, STAGES  # local import: stages import training

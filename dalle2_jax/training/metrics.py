@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import math
 
 import numpy as np
@@ -66,8 +67,23 @@ def _duration(seconds: float) -> str:
     return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
 
 
+class RateWindow:
+    """Steps per second over the last `window` log intervals: the ETA follows the run's pace, not the
+    one interval that held a checkpoint, an evaluation or a burst of load on the machine."""
+
+    def __init__(self, window: int = 10):
+        self.points: collections.deque = collections.deque(maxlen=window + 1)
+
+    def add(self, t: float, step: int) -> float:
+        """Records (time, step); returns the rate over the window (0.0 before two points)."""
+        self.points.append((t, step))
+        (t0, s0), (t1, s1) = self.points[0], self.points[-1]
+        return (s1 - s0) / (t1 - t0) if t1 > t0 else 0.0
+
+
 def format_progress(step: int, total: int, metrics: dict, steps_per_sec: float) -> str:
-    """'step 200/3000 | loss 1.2345 | i2t_acc 0.512 | ... | 3.02 steps/s | ETA 15m27s'."""
+    """'step 200/3000 | loss 1.2345 | i2t_acc 0.512 | ... | 3.02 steps/s | ETA 15m27s' (steps_per_sec: the
+    rate over a window of log intervals, see RateWindow)."""
     parts = [f"step {step}/{total}"]
     if "loss" in metrics:
         parts.append(f"loss {metrics['loss']:.4f}")

@@ -18,11 +18,12 @@ import jax
 import numpy as np
 
 from dalle2_jax import fileio
+from dalle2_jax.data.pipeline import close_iterator
 from dalle2_jax.stages import get_stage_class
 from dalle2_jax.training import checkpoint as ckpt
-from dalle2_jax.training.config import ConfigError, config_to_json, validate_config
+from dalle2_jax.training.config import ConfigError, clamp_short_run, config_to_json, validate_config
 from dalle2_jax.training.errors import TrainingStopped
-from dalle2_jax.training.metrics import MetricWriter, format_progress
+from dalle2_jax.training.metrics import MetricWriter, RateWindow, format_progress
 from dalle2_jax.training.preemption import PreemptionWatch
 from dalle2_jax.training.profiling import StepProfiler
 from dalle2_jax.training.partitioning import (LOGICAL_RULES, batch_sharding, global_batch, logical_shardings,
@@ -234,6 +235,10 @@ def train(config, workdir: str) -> dict:
     `config.max_consecutive_nonfinite` of them in a row raise TrainingStopped. Returns the last logged
     training metrics, the final evaluation (if any), the step reached and whether the run was preempted.
     """
+    clamped = clamp_short_run(config)
+    if clamped:
+        log.info("a run of %d steps is shorter than its config expects; clamped: %s", config.total_steps,
+                 "; ".join(clamped))
     validate_config(config)
     workdir = fileio.resolve(workdir)
     _check_writable(workdir)
@@ -284,6 +289,7 @@ def train(config, workdir: str) -> dict:
         bad_streak: list[int] = []  # the current run of consecutive non-finite steps
         session_start = time.time()
         last_log_time, last_log_step = None, step
+        pace = RateWindow(10)  # the printed steps/s and ETA; TensorBoard gets each interval's own rate
         pending = None  # (step, metrics) of the last logged step, fetched one step later
         # (step, metrics) of steps whose `nonfinite` flag the host has not read yet: read together every
         # `check_every` steps, one step behind (no host round-trip per step), and before every save
@@ -333,6 +339,7 @@ def train(config, workdir: str) -> dict:
             values.pop("nonfinite", None)
             now = time.time()
             rate = (p_step - last_log_step) / (now - last_log_time) if last_log_time and now > last_log_time else 0.0
+            smooth = pace.add(now, p_step)
             last_log_time, last_log_step = now, p_step
             counters = {"nonfinite_steps": nonfinite_total, "bad_records": bad_records_before + _global_sum(
                 bad_records_local)}
@@ -345,7 +352,7 @@ def train(config, workdir: str) -> dict:
             if is_chief:
                 writer.scalars(p_step, {f"train/{k}": v for k, v in values_tb.items()})
                 shown = dict(values, **{k: v for k, v in counters.items() if v})
-                print(format_progress(p_step, total, shown, rate), flush=True)
+                print(format_progress(p_step, total, shown, smooth), flush=True)
 
         config_json = json.loads(config_to_json(config))
 
@@ -377,6 +384,7 @@ def train(config, workdir: str) -> dict:
             flush_pending()  # the previous logged step's metrics, likewise one step behind
             if last_log_time is None:
                 last_log_time, last_log_step = time.time(), step  # rates exclude the first (compiling) step
+                pace.add(last_log_time, step)
             if step % config.log_every == 0 or step == total:
                 pending = (step, metrics)
             if watch.reached(step):
@@ -418,8 +426,8 @@ def train(config, workdir: str) -> dict:
         mngr.close()
         if writer is not None:
             writer.close()
-        if data_iter is not None and hasattr(data_iter, "close"):
-            data_iter.close()
+        local = batch = None  # noqa: F841 - the last batch's shared memory is released below
+        close_iterator(data_iter)
     log.info("training took %.1fs", time.time() - t_start)
     return {"train": last_metrics, "eval": eval_result, "step": step, "preempted": preempted}
 
