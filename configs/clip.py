@@ -102,7 +102,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     if arg == "tiny":
         # A conv stem learns shape far faster than 8x8 patches at this size (see STACK_NOTES.md); the
         # narrower stem (16..128 instead of 32..128) is 1.5x faster per step on 2 CPU cores and learns
-        # as fast per step. README: "Tiny CLIP on 2 CPU cores" for the figures.
+        # as fast per step. docs/clip.md for the figures.
         c.total_steps = 2500
         c.log_every = 50
         c.eval_every = 500

@@ -120,8 +120,8 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         # a 16-channel residual block at full resolution on each side (model.full_res_channels) for the edges
         # inside a patch: 112 GFLOP per step at batch 16. v-prediction with Min-SNR-5 weighting and the
         # embedding scaled to the timestep signal's size: at 1000 steps this scored checker color 0.733 /
-        # shape 0.128 where x0-prediction without Min-SNR scored 0.599 / 0.128 (README "The end-to-end
-        # recipe" has the probes).
+        # shape 0.128 where x0-prediction without Min-SNR scored 0.599 / 0.128 (the probes are in
+        # docs/notes/2026-12-decoder-probes.md).
         m.patch_size, m.channels, m.channel_mult, m.num_res_blocks = 4, 96, (1, 2), 2
         m.full_res_channels = 16
         m.attention_resolutions = (16, 8)
@@ -132,7 +132,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         c.diffusion.learned_variance = False
         c.diffusion.min_snr_gamma = 5.0
         # SD3's logit-normal timesteps: at 1000 steps checker color 0.882 / shape 0.118 against uniform
-        # timesteps' 0.733 / 0.128 (README "More probes (2026-12-04)")
+        # timesteps' 0.733 / 0.128 (docs/notes/2026-12-decoder-probes.md, "More probes (2026-12-04)")
         c.diffusion.timestep_sampling = "logit_normal"
         c.sampling.sampler = "ddim"
         c.sampling.steps = 25

@@ -12,7 +12,7 @@ import pytest
 
 from dalle2_jax.training.config import ConfigError, base_config, validate_mesh
 
-# Our architectures' exact counts (`dalle2-jax params --config ...`) and the paper's stated sizes. The README's
+# Our architectures' exact counts (`dalle2-jax params --config ...`) and the paper's stated sizes. docs/scale.md's
 # "Paper-size configs" table explains each difference.
 PAPER_COUNTS = {
     "clip:paper": ({"vision": 632_307_200, "text": 354_032_640}, {"vision": 632e6, "text": 340e6}),

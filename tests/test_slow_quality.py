@@ -1,5 +1,6 @@
-"""Slow: the README's tiny-CLIP figure. Trains configs/clip.py:tiny with its own defaults (about 20-25
-minutes on 2 CPU cores) and checks the zero-shot goal: >= 90% color and shape on the test split."""
+"""Slow: the tiny-CLIP figure of README.md and docs/clip.md. Trains configs/clip.py:tiny with its own
+defaults (about 20-25 minutes on 2 CPU cores) and checks the zero-shot goal:
+>= 90% color and shape on the test split."""
 
 from __future__ import annotations
 
