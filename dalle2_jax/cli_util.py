@@ -20,22 +20,11 @@ from typing import Callable
 
 from absl import app, flags
 
+from dalle2_jax import log_filters
+
 from dalle2_jax.inference.errors import InputError
 from dalle2_jax.training.config import ConfigError
 from dalle2_jax.training.errors import NoIntactCheckpoint, TrainingStopped
-
-
-class _DropNoise(logging.Filter):
-    """Drops TFDS's notices that carry nothing for our builders: one for every custom-size build of the
-    built-in data set, and "Variant folder ... has no dataset_info.json" seen while a data set is being
-    built (staging writes dataset_info.json last, so such a folder is rebuilt, never read); and orbax's
-    two warnings that a checkpoint manager opened read-only (evaluate, export, embed) is read-only."""
-
-    NOISE = ("Using custom data configuration", "Variant folder ", "CheckpointManagerOptions.read_only=True",
-             "Given directory is read only")
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(self.NOISE)
 
 
 def setup_logging() -> None:
@@ -46,7 +35,7 @@ def setup_logging() -> None:
         from absl import logging as absl_logging
 
         absl_logging.set_verbosity(absl_logging.WARNING)
-        absl_logging.get_absl_logger().addFilter(_DropNoise())
+        log_filters.install()
     except ImportError:  # pragma: no cover
         pass
 

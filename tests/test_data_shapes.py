@@ -211,8 +211,14 @@ def test_config_names():
     assert (cfg.name, cfg.resolutions, cfg.num_train, cfg.num_test) == ('256_1024_n10', (256, 1024), 10, 200)
 
 
-def test_builder_deterministic_and_readable(tmp_path, capsys):
+def test_builder_deterministic_and_readable(tmp_path, capfd, caplog):
     b1 = captioned_shapes.prepare_captioned_shapes(tmp_path / 'a', '64', num_train=64, num_test=32, num_workers=2)
+    # the build says one true line: no TFDS "Downloading and preparing dataset Unknown size", no progress bars,
+    # no "Variant folder ... has no dataset_info.json" or "Using custom data configuration" warnings
+    out, err = capfd.readouterr()
+    assert 'built 64 train + 32 test' in out and 'Downloading' not in out + err and 'examples/s' not in out + err
+    assert not [r.getMessage() for r in caplog.records if r.name == 'absl'], caplog.records
+    capsys = capfd
     b2 = captioned_shapes.prepare_captioned_shapes(tmp_path / 'b', '64', num_train=64, num_test=32, num_workers=0)
     name = b1.builder_config.name
     assert name == '64_n64_t32' and 'built' in capsys.readouterr().out

@@ -26,7 +26,10 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
+from dalle2_jax import log_filters
 from dalle2_jax.data import scenes, staging
+
+log_filters.install()  # also in grain's worker processes, which rebuild the data source
 
 NAME = 'captioned_shapes'
 _DEFAULT_SIZES: dict[str, tuple[tuple[int, ...], int, int]] = {

@@ -56,7 +56,10 @@ import tensorflow_datasets as tfds
 from etils import epath
 from PIL import Image, ImageOps
 
+from dalle2_jax import log_filters
 from dalle2_jax.data import staging
+
+log_filters.install()  # also in grain's worker processes, which rebuild the data source
 
 NAME = 'image_folder_captions'
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({'.png', '.jpg', '.jpeg', '.bmp', '.gif', '.webp', '.tif', '.tiff'})
