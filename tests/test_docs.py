@@ -21,10 +21,12 @@ _STARTS = ("dalle2-jax ", "python -m ", "python3 -m ", "python launch/", "launch
 
 
 def _code(text: str) -> list[str]:
-    """The text of fenced code blocks (continuation lines joined) and of inline code spans."""
+    """The text of fenced code blocks (continuation lines joined) and of inline code spans. A command whose
+    next line is an `error: ...` line shows a mistake on purpose and is left out."""
     out = []
     for block in re.findall(r"```[a-z]*\n(.*?)```", text, flags=re.S):
-        out += block.replace("\\\n", " ").splitlines()
+        lines = block.replace("\\\n", " ").splitlines()
+        out += [line for line, after in zip(lines, lines[1:] + [""]) if not after.startswith("error:")]
     prose = re.sub(r"```[a-z]*\n.*?```", "", text, flags=re.S)
     out += re.findall(r"`([^`\n]+)`", prose)
     return out
