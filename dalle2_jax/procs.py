@@ -41,7 +41,7 @@ from typing import Any
 POLL_S = 0.5  # seconds between checks of the parent when no sentinel pipe is available
 EXIT_CODE = 70  # the worker's exit status when its parent has died (EX_SOFTWARE)
 
-_started = False
+_watching = 0  # the pid whose watcher runs (a forked child inherits the variable, not the thread)
 _lock = threading.Lock()
 
 
@@ -78,16 +78,17 @@ def _watch(ppid: int, sentinel: int | None) -> None:
 def die_with_parent(*_args: Any) -> None:
     """Makes this process exit within about `POLL_S` seconds of its parent's death (any cause, SIGKILL
     included). Call it first thing in a worker process; idempotent; the arguments are ignored, so it can be
-    grain's `worker_init_fn` (worker index, worker count) or a Pool `initializer` as it is."""
-    global _started
+    grain's `worker_init_fn` (worker index, worker count) or a Pool `initializer` as it is. A worker that
+    starts workers of its own gives them the same call: each process watches its own parent."""
+    global _watching
     with _lock:
-        if _started:
+        if _watching == os.getpid():
             return
         ppid, sentinel = _parent()
         if os.getppid() != ppid:  # the parent died while this process was starting
             os._exit(EXIT_CODE)
         threading.Thread(target=_watch, args=(ppid, sentinel), name="die-with-parent", daemon=True).start()
-        _started = True
+        _watching = os.getpid()
 
 
 def mp_prefetch(it, num_workers: int):

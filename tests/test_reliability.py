@@ -347,13 +347,26 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # A parent with every kind of worker the project starts: grain prefetch workers (procs.mp_prefetch) and
 # multiprocessing pools with procs.die_with_parent as initializer, forked (captioned_shapes without JAX)
-# and spawned (with JAX); then it waits to be killed.
+# and spawned (with JAX); and a forked child with a forked grandchild, both calling die_with_parent (the
+# grandchild inherits its parent's module state); then it waits to be killed.
 _PARENT = """
 import multiprocessing as mp, os, time
 import grain
 from absl import flags
 from dalle2_jax import procs
 flags.FLAGS.mark_as_parsed()  # grain reads its absl flags when it starts a worker
+fork = mp.get_context("fork")
+started = fork.Event()
+def grandchild():
+    procs.die_with_parent()
+    started.set()
+    time.sleep(600)
+def child():
+    procs.die_with_parent()
+    fork.Process(target=grandchild).start()
+    time.sleep(600)
+fork.Process(target=child).start()
+started.wait(60)
 pools = [mp.get_context(m).Pool(2, initializer=procs.die_with_parent) for m in ("fork", "spawn")]
 for pool in pools:
     pool.map(abs, range(8))
@@ -380,7 +393,7 @@ def test_workers_exit_when_their_parent_is_killed(sig):
         line = proc.stdout.readline()
         assert line == "ready\n", line + proc.stderr.read()[-3000:]
         kids = descendants(proc.pid)
-        assert len(kids) >= 6, describe(kids)  # 2 grain workers, 2 + 2 pool workers (+ resource tracker)
+        assert len(kids) >= 8, describe(kids)  # 2 grain workers, 2 + 2 pool workers, child, grandchild, ...
         proc.send_signal(sig)
         assert proc.wait(timeout=60) == -sig
         left = wait_gone(kids, 10)
