@@ -18,17 +18,21 @@ Why not prctl(PR_SET_PDEATHSIG): Linux sends that signal when the *thread* that 
 not the process. grain 0.2 starts its worker processes from its own prefetch threads
 ("grain-thread-prefetch-..."), and it ends and replaces those threads while the trainer lives, e.g. on
 `set_state` when a run resumes from a checkpoint. Measured with grain 0.2.18: with PR_SET_PDEATHSIG=SIGKILL
-set in `worker_init_fn`, `it.set_state(it.get_state())` killed both workers and the next `next(it)` hung
-for good. Polling the parent process costs one wake-up per `POLL_S` per worker and is portable (macOS
-included); the price is an exit up to `POLL_S` seconds late when the sentinel is not available, and a
-worker whose main thread holds the GIL in one long C call exits when that call returns.
+set in `worker_init_fn`, the next `next(it)` after `it.set_state(it.get_state())` hung (stopped after
+120 s), where without the prctl it returned at once. Watching the parent process costs one wake-up per
+`POLL_S` per worker and is portable (macOS included); the price is an exit up to `POLL_S` seconds late
+where the sentinel does not close (no multiprocessing parent; in a forked pool a sibling forked later
+still holds it), and a worker whose main thread holds the GIL in one long C call exits when that call
+returns. A process that starts workers of its own calls `die_with_parent` in them too: each process
+watches its own parent, so a tree unwinds from the top.
 
-What is not covered: the multiprocessing resource tracker is started by multiprocessing itself, not by
-us; it exits by itself once every process holding its pipe (the parent and the workers) is gone, so it
-follows the workers (verified: it ends within a second of the last worker). After a SIGKILL it also
-unlinks the shared-memory blocks the dead processes held and reports them as leaked, which is expected
-then. After a SIGTERM or an exception the trainer closes its iterator (`pipeline.close_iterator`), which
-stops the workers and frees the blocks in order, so nothing is left and nothing is reported.
+The resource tracker: multiprocessing starts it, not us; it exits by itself once every process holding
+its pipe (the parent and the workers) is gone, so it follows the workers (checked: gone within a second
+of the last worker). After a SIGKILL it unlinks the shared-memory blocks the dead processes held and
+reports them as leaked, which is expected then. After a SIGTERM or an exception the trainer closes its
+iterator in a `finally` (`pipeline.close_iterator`, after dropping the locals of the failed call's frames
+that still hold the last batch), which stops the workers and frees the blocks in order: nothing is left
+and nothing is reported.
 """
 
 from __future__ import annotations
