@@ -49,14 +49,29 @@ _watching = 0  # the pid whose watcher runs (a forked child inherits the variabl
 _lock = threading.Lock()
 
 
-def _parent() -> tuple[int, int | None]:
-    """(pid of the process that started this one, the parent sentinel's file descriptor or None)."""
+def _parent() -> tuple[int, int | None] | None:
+    """(the parent pid to watch, the multiprocessing parent sentinel's file descriptor or None), or None when
+    the process that started this one has already died."""
     import multiprocessing
 
+    ppid = os.getppid()
     parent = multiprocessing.parent_process()
-    if parent is not None and parent.pid:
-        return parent.pid, parent.sentinel
-    return os.getppid(), None
+    if parent is None:
+        return ppid, None
+    try:
+        sentinel = parent.sentinel
+    except ValueError:
+        sentinel = None
+    if parent.pid and parent.pid != ppid:
+        # re-parented already (the parent died while this process started), or started through a
+        # forkserver, whose pid getppid() returns while the requesting process is alive
+        try:
+            os.kill(parent.pid, 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            pass
+    return ppid, sentinel
 
 
 def _parent_gone(ppid: int, sentinel: int | None, timeout: float) -> bool:
@@ -88,10 +103,10 @@ def die_with_parent(*_args: Any) -> None:
     with _lock:
         if _watching == os.getpid():
             return
-        ppid, sentinel = _parent()
-        if os.getppid() != ppid:  # the parent died while this process was starting
+        parent = _parent()
+        if parent is None:  # the parent died while this process was starting
             os._exit(EXIT_CODE)
-        threading.Thread(target=_watch, args=(ppid, sentinel), name="die-with-parent", daemon=True).start()
+        threading.Thread(target=_watch, args=parent, name="die-with-parent", daemon=True).start()
         _watching = os.getpid()
 
 

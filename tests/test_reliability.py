@@ -347,8 +347,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # A parent with every kind of worker the project starts: grain prefetch workers (procs.mp_prefetch) and
 # multiprocessing pools with procs.die_with_parent as initializer, forked (captioned_shapes without JAX)
-# and spawned (with JAX); and a forked child with a forked grandchild, both calling die_with_parent (the
-# grandchild inherits its parent's module state); then it waits to be killed.
+# and spawned (with JAX), and through a forkserver (whose pid is the workers' getppid()); and a forked
+# child with a forked grandchild, both calling die_with_parent (the grandchild inherits its parent's
+# module state); then it waits to be killed.
 _PARENT = """
 import multiprocessing as mp, os, time
 import grain
@@ -367,7 +368,7 @@ def child():
     time.sleep(600)
 fork.Process(target=child).start()
 started.wait(60)
-pools = [mp.get_context(m).Pool(2, initializer=procs.die_with_parent) for m in ("fork", "spawn")]
+pools = [mp.get_context(m).Pool(2, initializer=procs.die_with_parent) for m in ("fork", "spawn", "forkserver")]
 for pool in pools:
     pool.map(abs, range(8))
 it = iter(procs.mp_prefetch(grain.MapDataset.range(10**6).to_iter_dataset(), 2))
@@ -380,8 +381,9 @@ time.sleep(600)
 @pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="reads the process tree from Linux's /proc")
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
 def test_workers_exit_when_their_parent_is_killed(sig):
-    """SIGKILL (or an unhandled SIGTERM) of a process holding grain workers and fork and spawn pools: every
-    process below it (workers and multiprocessing's resource tracker) is gone within 10 s."""
+    """SIGKILL (or an unhandled SIGTERM) of a process holding grain workers, pools and a child with a
+    grandchild: every process below it (workers, multiprocessing's resource tracker and forkserver) is gone
+    within 10 s."""
     import subprocess
     import sys
 
@@ -393,7 +395,7 @@ def test_workers_exit_when_their_parent_is_killed(sig):
         line = proc.stdout.readline()
         assert line == "ready\n", line + proc.stderr.read()[-3000:]
         kids = descendants(proc.pid)
-        assert len(kids) >= 8, describe(kids)  # 2 grain workers, 2 + 2 pool workers, child, grandchild, ...
+        assert len(kids) >= 10, describe(kids)  # 2 grain workers, 3 x 2 pool workers, child, grandchild, ...
         proc.send_signal(sig)
         assert proc.wait(timeout=60) == -sig
         left = wait_gone(kids, 10)
