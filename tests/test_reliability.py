@@ -339,3 +339,92 @@ def test_trainer_counts_undecodable_records(trained_clip, shapes_data_dir, tmp_p
     # 4 steps x 16 rows = 64 records read, about 1 in 16 of them bad (the shuffle decides how many exactly)
     assert meta["bad_records"] == out["train"]["bad_records"] == curve[4] > 0
     assert curve[2] <= curve[4] <= 16
+
+
+# -- worker processes die with their parent (dalle2_jax.procs) ---------------------------------------
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# A parent with every kind of worker the project starts: grain prefetch workers (procs.mp_prefetch) and
+# multiprocessing pools with procs.die_with_parent as initializer, forked (captioned_shapes without JAX)
+# and spawned (with JAX), and through a forkserver (whose pid is the workers' getppid()); and a forked
+# child with a forked grandchild, both calling die_with_parent (the grandchild inherits its parent's
+# module state); then it waits to be killed.
+_PARENT = """
+import multiprocessing as mp, os, time
+import grain
+from absl import flags
+from dalle2_jax import procs
+flags.FLAGS.mark_as_parsed()  # grain reads its absl flags when it starts a worker
+fork = mp.get_context("fork")
+started = fork.Event()
+def grandchild():
+    procs.die_with_parent()
+    started.set()
+    time.sleep(600)
+def child():
+    procs.die_with_parent()
+    fork.Process(target=grandchild).start()
+    time.sleep(600)
+fork.Process(target=child).start()
+started.wait(60)
+pools = [mp.get_context(m).Pool(2, initializer=procs.die_with_parent) for m in ("fork", "spawn", "forkserver")]
+for pool in pools:
+    pool.map(abs, range(8))
+it = iter(procs.mp_prefetch(grain.MapDataset.range(10**6).to_iter_dataset(), 2))
+next(it)
+print("ready", flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="reads the process tree from Linux's /proc")
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_workers_exit_when_their_parent_is_killed(sig):
+    """SIGKILL (or an unhandled SIGTERM) of a process holding grain workers, pools and a child with a
+    grandchild: every process below it (workers, multiprocessing's resource tracker and forkserver) is gone
+    within 10 s."""
+    import subprocess
+    import sys
+
+    from proctree import describe, descendants, wait_gone
+
+    proc = subprocess.Popen([sys.executable, "-c", _PARENT], cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert line == "ready\n", line + proc.stderr.read()[-3000:]
+        kids = descendants(proc.pid)
+        assert len(kids) >= 10, describe(kids)  # 2 grain workers, 3 x 2 pool workers, child, grandchild, ...
+        proc.send_signal(sig)
+        assert proc.wait(timeout=60) == -sig
+        left = wait_gone(kids, 10)
+        assert not left, f"still running 10 s after the parent's {signal.Signals(sig).name}:\n{describe(left)}"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_a_worker_outlives_the_thread_that_started_it():
+    """die_with_parent watches the parent process, not the thread that started the worker (what
+    PR_SET_PDEATHSIG would do): grain starts its workers from threads it ends while the run goes on."""
+    import multiprocessing as mp
+    import threading
+    import time
+
+    from dalle2_jax import procs
+
+    pools = []
+    starter = threading.Thread(target=lambda: pools.append(
+        mp.get_context("spawn").Pool(1, initializer=procs.die_with_parent)))
+    starter.start()
+    starter.join()
+    pool = pools[0]
+    try:
+        pid = pool.apply(os.getpid)
+        time.sleep(3 * procs.POLL_S)
+        assert pool.apply(os.getpid, ()) == pid  # the same worker, still serving
+    finally:
+        pool.terminate()
+        pool.join()

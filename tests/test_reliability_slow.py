@@ -23,10 +23,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOTAL = 12
 
 
-def _command(workdir: str, data_dir: str, workers: int = 0) -> list[str]:
+def _command(workdir: str, data_dir: str, workers: int = 0, total: int = TOTAL) -> list[str]:
     return [sys.executable, "-m", "dalle2_jax.train", "--config", "configs/clip.py:tiny", "--workdir", workdir,
             f"--config.data.data_dir={data_dir}", "--config.data.num_train=256", "--config.data.num_test=64",
-            "--config.batch_size=16", f"--config.total_steps={TOTAL}", "--config.log_every=1",
+            "--config.batch_size=16", f"--config.total_steps={total}", "--config.log_every=1",
             "--config.checkpoint_every=2", "--config.optimizer.warmup_steps=1", "--config.eval.batch_size=64",
             f"--config.data.num_workers={workers}", "--config.data.read_threads=1"]
 
@@ -179,3 +179,92 @@ def test_every_stage_resumes_bit_identical_after_a_crash(stage, request, tmp_pat
         want = ckpt.load_params(reference, prefer_ema=key == "ema_params")[1]
         for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+# -- no process outlives the trainer (dalle2_jax.procs) ---------------------------------------------
+
+# `python -m dalle2_jax.train ARGS` whose 4th training step raises: an exception in the main process
+_CRASHING_TRAIN = """
+import sys
+from dalle2_jax.training import trainer
+original = trainer.Run.compile_step
+def crashing(self, frozen):
+    run_step, calls = original(self, frozen), [0]
+    def stepped(state, batch):
+        calls[0] += 1
+        if calls[0] == 4:
+            raise RuntimeError("injected failure")
+        return run_step(state, batch)
+    return stepped
+trainer.Run.compile_step = crashing
+from dalle2_jax.train import run
+run(["train"] + sys.argv[1:])
+"""
+
+
+def _start_and_watch(cmd, env, tmp_path, until):
+    """Starts `cmd` (stdout and stderr to files) and records its process tree every 0.1 s until
+    `until(proc)` is true or it exits. Returns (proc, {pid: start time} of every descendant seen)."""
+    from proctree import descendants
+
+    out, err = open(tmp_path / "stdout", "w"), open(tmp_path / "stderr", "w")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=err)
+    seen: dict[int, int] = {}
+    deadline = time.time() + 600
+    while proc.poll() is None and not until(proc) and time.time() < deadline:
+        seen.update(descendants(proc.pid))
+        time.sleep(0.1)
+    seen.update(descendants(proc.pid))
+    return proc, seen
+
+
+def _first_checkpoint(workdir):
+    return lambda proc: os.path.isdir(os.path.join(workdir, "checkpoints", "2"))
+
+
+def _assert_tree_gone(seen, tmp_path, within: float = 10.0) -> None:
+    from proctree import describe, wait_gone
+
+    left = wait_gone(seen, within)
+    err = (tmp_path / "stderr").read_text()
+    assert not left, f"{len(left)} of the trainer's processes still running {within:.0f} s after its end:\n" \
+                     f"{describe(left)}\n{err[-2000:]}"
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="reads the process tree from Linux's /proc")
+def test_sigkill_after_the_first_checkpoint_leaves_no_process(shapes_data_dir, tmp_path, env):
+    """A trainer with 2 grain workers killed with SIGKILL after its first checkpoint: none of the processes
+    it started (workers, resource tracker) is alive 10 s later."""
+    workdir = str(tmp_path / "w")
+    proc, seen = _start_and_watch(_command(workdir, shapes_data_dir, workers=2, total=1000), env, tmp_path,
+                                  _first_checkpoint(workdir))
+    assert proc.poll() is None, (tmp_path / "stderr").read_text()[-3000:]
+    assert len(seen) >= 2, seen  # the grain workers ran
+    proc.kill()
+    assert proc.wait(timeout=60) == -signal.SIGKILL
+    _assert_tree_gone(seen, tmp_path)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="reads the process tree from Linux's /proc")
+@pytest.mark.parametrize("end", ["sigterm", "exception"])
+def test_sigterm_or_an_exception_leaves_no_process_and_no_leaked_memory(end, shapes_data_dir, tmp_path, env):
+    """A trainer with 2 grain workers ended by SIGTERM after its first checkpoint (saves, exit 0) or by an
+    exception in its 4th step (exit 1): its workers are gone when it has exited, and no shared memory is
+    reported leaked."""
+    workdir = str(tmp_path / "w")
+    cmd = _command(workdir, shapes_data_dir, workers=2, total=1000)
+    if end == "exception":
+        cmd = [sys.executable, "-c", _CRASHING_TRAIN] + cmd[3:]  # the flags after `-m dalle2_jax.train`
+    proc, seen = _start_and_watch(cmd, env, tmp_path, _first_checkpoint(workdir))
+    if end == "sigterm":
+        assert proc.poll() is None, (tmp_path / "stderr").read_text()[-3000:]
+        proc.terminate()
+    code = proc.wait(timeout=300)
+    err = (tmp_path / "stderr").read_text()
+    assert len(seen) >= 2, seen
+    if end == "sigterm":
+        assert code == 0 and "SIGTERM received: saved checkpoint" in (tmp_path / "stdout").read_text(), err[-3000:]
+    else:
+        assert code == 1 and "injected failure" in err, err[-3000:]
+    _assert_tree_gone(seen, tmp_path, within=5.0)
+    assert "leaked" not in err, err[-3000:]

@@ -26,7 +26,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
-from dalle2_jax import log_filters
+from dalle2_jax import log_filters, procs
 from dalle2_jax.data import scenes, staging
 
 log_filters.install()  # also in grain's worker processes, which rebuild the data source
@@ -119,7 +119,7 @@ class CaptionedShapes(staging.QuietBuild, tfds.core.GeneratorBasedBuilder):
             yield from map(make, range(num_examples))
             return
         chunk = max(1, min(_MAX_CHUNK, num_examples // (4 * workers)))
-        with _pool_context().Pool(workers) as pool:
+        with _pool_context().Pool(workers, initializer=procs.die_with_parent) as pool:
             yield from pool.imap(make, range(num_examples), chunksize=chunk)
 
 

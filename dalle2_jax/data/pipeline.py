@@ -26,6 +26,7 @@ import grain
 import numpy as np
 from PIL import Image
 
+from dalle2_jax import procs
 from dalle2_jax.images import resize_shortest_center_crop
 
 DEFAULT_DATA_DIR = os.path.join("~", "tensorflow_datasets")
@@ -274,7 +275,7 @@ def image_text_pipeline(data_cfg, split: str, *, tokenizer_dir: str, local_batch
         it = it.map(extra_batch_map)
     workers = int(data_cfg.num_workers) if num_workers is None else num_workers
     if workers > 0:
-        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+        it = procs.mp_prefetch(it, workers)
     return it
 
 
@@ -412,5 +413,5 @@ def upsampler_pipeline(data_cfg, split: str, *, local_batch_size: int, seed: int
     it = shard_batches(ds, local_batch_size, process_index, process_count, read_threads=int(data_cfg.read_threads))
     workers = int(data_cfg.num_workers) if num_workers is None else num_workers
     if workers > 0:
-        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+        it = procs.mp_prefetch(it, workers)
     return it

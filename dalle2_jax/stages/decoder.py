@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dalle2_jax import diffusion as D, fileio
+from dalle2_jax import diffusion as D, fileio, procs
 from dalle2_jax.data import pipeline, scenes as S
 from dalle2_jax.images import resize_square
 from dalle2_jax.models.clip import build_clip
@@ -168,7 +168,7 @@ class DecoderStage(FrozenClipMixin, ImageDiffusionStage):
             it = pipeline.shard_batches(ds, local_batch_size, process_index, process_count,
                                         read_threads=int(d.read_threads))
             if int(d.num_workers) > 0:
-                it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(d.num_workers)))
+                it = procs.mp_prefetch(it, int(d.num_workers))
             return it
         return pipeline.image_text_pipeline(
             d, d.train_split, tokenizer_dir=fileio.join(self.workdir, TOKENIZER_DIR),

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dalle2_jax import diffusion as D, fileio
+from dalle2_jax import diffusion as D, fileio, procs
 from dalle2_jax.data import pipeline
 from dalle2_jax.models.clip import build_clip
 from dalle2_jax.models.layers import ACTIVATIONS, dtype_from_name
@@ -60,7 +60,7 @@ def embedding_pipeline(directory: str, split: str, *, local_batch_size: int, see
     ds = ds.seed(seed).shuffle().repeat(None).map(_DecodeEmbedding())
     it = pipeline.shard_batches(ds, local_batch_size, process_index, process_count, read_threads=2)
     if num_workers > 0:
-        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+        it = procs.mp_prefetch(it, num_workers)
     return it
 
 

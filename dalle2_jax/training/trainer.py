@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import traceback
 from typing import Any
 
 import flax.linen as nn
@@ -419,6 +420,12 @@ def train(config, workdir: str) -> dict:
             report = fileio.join(run.workdir, "reports", f"eval_{step}.json")
             if not fileio.exists(report):  # also after a run killed between its last save and evaluation
                 eval_result = _evaluate_state(run, state, step, writer)
+    except BaseException as e:
+        # the frames of the failed call (a train step, the data iterator) hold the last batch, whose shared
+        # memory close_iterator can then not release: the resource tracker reports it leaked at exit.
+        # The traceback keeps its lines; only the finished frames' local variables are dropped.
+        traceback.clear_frames(e.__traceback__)
+        raise
     finally:  # release the grain workers, flush async checkpoints and event files, even on errors
         if profiler is not None:
             profiler.stop()
