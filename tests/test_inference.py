@@ -226,9 +226,62 @@ def test_inpainting_keeps_the_unmasked_pixels(pipe, test_images):
     out = pipe.inpaint(image, mask, "a green star", num=2, resample=2, jump_length=1)
     dec = out.stages["decoder"]
     keep = mask == 0
-    assert np.abs(dec[:, keep].astype(int) - image[keep].astype(int)).max() <= 1
+    assert np.array_equal(dec[:, keep], np.broadcast_to(image[keep], dec[:, keep].shape))
     assert np.abs(dec[:, ~keep].astype(int) - image[~keep].astype(int)).mean() > 2  # the hole is regenerated
     assert out.images.shape == (2, 256, 256, 3)
+
+
+@pytest.mark.parametrize("size", [32, 320])  # smaller and larger than the 256x256 output
+def test_inpainting_keeps_the_unmasked_pixels_at_any_input_size(pipe, test_images, size):
+    """Outside the mask (resized to the output: a pixel any of whose area is masked counts as masked) the
+    output is the input resized to the output resolution, exactly, for an input smaller or larger than it."""
+    from dalle2_jax.inference.pipeline import resize
+
+    image = np.asarray(Image.fromarray(test_images[1]).resize((size, size), Image.BICUBIC))
+    mask = np.zeros((size, size), np.uint8)
+    mask[size // 4: size // 2, size // 4: 3 * size // 4] = 255
+    out = pipe.inpaint(image, mask, "a green star", num=2, resample=2, jump_length=1)
+    assert out.images.shape == (2, 256, 256, 3)
+    regen = resize(mask > 127, 256)
+    want = resize(image, 256)
+    got = out.images[:, ~regen]
+    assert np.array_equal(got, np.broadcast_to(want[~regen], got.shape))
+    assert 0.1 < regen.mean() < 0.2
+    assert np.abs(out.images[:, regen].astype(int) - want[regen].astype(int)).mean() > 2  # regenerated
+
+
+def test_load_image_alpha_frames_and_bad_files(tmp_path):
+    from dalle2_jax.images import BLACK, load_image, parse_color
+    from dalle2_jax.inference.errors import InputError
+
+    rgba = np.zeros((8, 8, 4), np.uint8)
+    rgba[..., 0] = 255  # red everywhere, hidden under alpha 0 in the top half
+    rgba[4:, :, 3] = 255
+    path = _png(tmp_path / "rgba.png", rgba)
+    warnings = []
+    white = load_image(path, warn=warnings.append)
+    assert (white[:4] == 255).all() and (white[4:] == [255, 0, 0]).all()
+    assert len(warnings) == 1 and "transparency; composited over rgb(255, 255, 255)" in warnings[0]
+    assert (load_image(path, background=BLACK)[:4] == 0).all()
+    assert (load_image(rgba, background=parse_color("#102030"))[0, 0] == [16, 32, 48]).all()
+    frames = [Image.new("RGB", (8, 8), c) for c in ("red", "blue")]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
+    warnings = []
+    assert (load_image(str(tmp_path / "anim.gif"), warn=warnings.append)[0, 0] == [255, 0, 0]).all()
+    assert warnings == [f"image {str(tmp_path / 'anim.gif')!r} has 2 frames; using the first"]
+    Image.new("CMYK", (8, 8), (0, 255, 0, 0)).save(tmp_path / "cmyk.jpg")
+    assert load_image(str(tmp_path / "cmyk.jpg")).shape == (8, 8, 3)
+    Image.new("RGB", (8, 8)).save(tmp_path / "png_named.jpg", format="PNG")  # mislabelled, still an image
+    assert load_image(str(tmp_path / "png_named.jpg")).shape == (8, 8, 3)
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "text.png").write_text("not an image")
+    for name, message in (("empty.png", "not a readable image (an empty file)"),
+                          ("text.png", "not a readable image"), ("missing.png", "no such file"),
+                          ("", "is a directory")):
+        with pytest.raises(InputError, match=re.escape(message)):
+            load_image(str(tmp_path / name))
+    with pytest.raises(ValueError, match="not a colour"):
+        parse_color("purplish")
 
 
 # --- the CLI ---------------------------------------------------------------------------------------------
@@ -304,7 +357,7 @@ def test_cli_bad_input_exits_2_with_a_message(tiny_bundle, test_images, tmp_path
         (["variations", str(tmp_path / "nope.png"), *bundle], "nope.png': no such file"),
         (["variations", str(text), *bundle], "is not a readable image"),
         (["inpaint", a, "a green star", "--mask", small_mask, *bundle], "the mask is 32x32 but the image is 64x64"),
-        (["generate", "a red circle", "--decoder_guidance", "-2", *bundle], "guidance scale must be in"),
+        (["generate", "a red circle", "--decoder_guidance", "-2", *bundle], r"--decoder_guidance must be in \[0, 1"),
         (["generate", "a red circle", "--prior_steps", "5000", *bundle], r"steps must be an integer in \[1, 1000\]"),
         (["edit", a, "--from", "a red circle", *bundle], "edit needs --from and --to"),
         (["generate", "a red circle"], "--bundle is required"),
@@ -314,3 +367,126 @@ def test_cli_bad_input_exits_2_with_a_message(tiny_bundle, test_images, tmp_path
         assert code == 2, (argv, err)
         assert re.search(message, err), (message, err)
     assert not os.path.exists(tmp_path / "o")
+
+
+def test_cli_checks_flags_and_paths_before_sampling(tiny_bundle, test_images, tmp_path, capsys, monkeypatch):
+    """Issue 35, table-driven: every mistake exits 2 with one `error:` line naming the flag, before the bundle's
+    params load (so before any sampling) and leaving no output directory; the valid oddities (alpha, a
+    multi-frame GIF, CMYK, an input smaller than the output) give images of the promised size; Ctrl-C stops
+    a run between batches (exit 130) and keeps the images already written."""
+    from dalle2_jax import images as images_module
+    from dalle2_jax.inference import budget
+    from dalle2_jax.inference.pipeline import UnCLIPPipeline, resize
+
+    loads = []
+    real_load = UnCLIPPipeline.from_bundle.__func__
+
+    def counting_load(cls, *a, **k):
+        loads.append(a)
+        return real_load(cls, *a, **k)
+
+    monkeypatch.setattr(UnCLIPPipeline, "from_bundle", classmethod(counting_load))
+    a = _png(tmp_path / "a.png", test_images[0])
+    rgba = np.zeros((48, 64, 4), np.uint8)
+    rgba[..., :3] = test_images[0][:48]
+    rgba[:, :32, 3] = 255  # the right half transparent
+    rgba_path = _png(tmp_path / "rgba.png", rgba)
+    frames = [Image.fromarray(test_images[i]) for i in (0, 1)]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
+    Image.fromarray(test_images[1]).convert("CMYK").save(tmp_path / "cmyk.jpg")
+    small = np.asarray(Image.fromarray(test_images[1]).resize((32, 32), Image.BICUBIC))
+    small_mask = np.zeros((32, 32, 3), np.uint8)
+    small_mask[8:24, 8:20] = 255
+    small_path, small_mask_path = _png(tmp_path / "small.png", small), _png(tmp_path / "small_mask.png", small_mask)
+    black = _png(tmp_path / "black.png", np.zeros((64, 64, 3), np.uint8))
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "notes.jpg").write_text("not an image")
+    taken = tmp_path / "taken.txt"
+    taken.write_text("x")
+    out = str(tmp_path / "o" / "new")
+    b = ["--bundle", tiny_bundle]
+    missing = ["--bundle", str(tmp_path / "no_bundle")]
+    edit = ["edit", a, "--from", "a red circle", "--to", "a blue star"]
+    # name: (argv, expected words of the one error line); --out is `out` unless given
+    errors = {
+        "out_is_a_file": (["generate", "a", *b, "--out", str(taken)], ["--out", "existing file"]),
+        "out_under_a_file": (["generate", "a", *b, "--out", str(taken / "sub")], ["--out", "is a file"]),
+        "out_unwritable": (["generate", "a", *b, "--out", "/proc/x"], ["--out '/proc/x'", "writable"]),
+        "num_too_many": (["generate", "a", *b, "--num", "100000000"], ["--num 100000000", "GiB", "use --num"]),
+        "batch_too_big": (["generate", "a", *b, "--num", "64", "--batch_size", "64"],
+                          ["--batch_size 64", "available; use --batch_size"]),
+        "edit_one_frame": (edit + [*b, "--frames", "1"], ["--frames must be >= 2", "unedited"]),
+        "interpolate_one_frame": (["interpolate", a, a, *b, "--frames", "1"], ["--frames must be >= 2"]),
+        "upsamplers_negative": (["generate", "a", *b, "--num_upsamplers", "-1"], ["--num_upsamplers must be >= 0"]),
+        "upsamplers_too_many": (["generate", "a", *b, "--num_upsamplers", "2"],
+                                ["--num_upsamplers must be in [0, 1]", "upsampler_64to256"]),
+        "decoder_steps": (["generate", "a", *b, "--decoder_steps", "5000"], ["--decoder_steps 5000", "[1, 1000]"]),
+        # flag ranges come before the bundle is even looked at
+        "batch_zero": (["generate", "a", *missing, "--batch_size", "0"], ["--batch_size must be >= 1"]),
+        "num_zero": (["variations", a, *missing, "--num", "0"], ["--num must be >= 1"]),
+        "eta": (["variations", a, *missing, "--eta", "2"], ["--eta must be in [0, 1]"]),
+        "background": (["variations", a, *missing, "--background", "purplish"], ["--background", "not a colour"]),
+        "empty_file": (["variations", str(tmp_path / "empty.png"), *missing], ["empty.png", "an empty file"]),
+        "mislabelled": (["variations", str(tmp_path / "notes.jpg"), *missing], ["notes.jpg", "not a readable"]),
+        "mask_selects_nothing": (["inpaint", a, "a star", "--mask", black, *missing], ["--mask", "selects no"]),
+    }
+    monkeypatch.setattr(budget, "host_available_bytes", lambda: 1 << 30)  # 1 GiB: batch_too_big
+    for name, (argv, words) in errors.items():
+        if "--out" not in argv:
+            argv = argv + ["--out", out]
+        code, _, err = _cli(capsys, *argv)
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), (name, code, err)
+        for word in words:
+            assert word in lines[0], (name, word, lines[0])
+        assert not loads, name
+        assert not os.path.exists(tmp_path / "o"), name  # made up front, taken back on the refusal
+    monkeypatch.undo()
+    monkeypatch.setattr(UnCLIPPipeline, "from_bundle", classmethod(counting_load))
+
+    def run(argv, out_dir):
+        code, stdout, err = _cli(capsys, *argv, *b, "--out", str(out_dir))
+        assert code == 0, (argv, err[-2000:])
+        return stdout, sorted(os.listdir(out_dir))
+
+    # RGBA: the transparent half is the background's colour (black here), with a warning
+    stdout, files = run(["variations", rgba_path, "--num", "2", "--eta", "0", "--num_upsamplers", "0",
+                         "--background", "black"], tmp_path / "rgba")
+    assert files == ["000.png", "001.png", "grid.png", "settings.json"]
+    assert "has transparency; composited over rgb(0, 0, 0)" in stdout
+    assert np.asarray(Image.open(tmp_path / "rgba" / "000.png")).shape == (64, 64, 3)
+    settings = json.load(open(tmp_path / "rgba" / "settings.json"))
+    assert settings["background"] == "black" and "transparency" in settings["warnings"][0]
+    # a GIF (first frame, a warning) and a CMYK JPEG
+    stdout, files = run(["interpolate", str(tmp_path / "anim.gif"), str(tmp_path / "cmyk.jpg"), "--frames", "2",
+                         "--num_upsamplers", "0"], tmp_path / "gif")
+    assert "has 2 frames; using the first" in stdout and len(files) == 4
+    assert np.asarray(Image.open(tmp_path / "gif" / "001.png")).shape == (64, 64, 3)
+    # an input smaller than the output: the kept pixels are the input's, resized to 256x256
+    stdout, files = run(["inpaint", small_path, "a green star", "--mask", small_mask_path, "--num", "2",
+                         "--resample", "2", "--jump_length", "1"], tmp_path / "small")
+    got = np.asarray(Image.open(tmp_path / "small" / "001.png"))
+    regen = resize(small_mask.max(axis=-1) > 127, 256)
+    assert got.shape == (256, 256, 3) and np.array_equal(got[~regen], resize(small, 256)[~regen])
+    assert len(loads) == 3
+
+    # Ctrl-C during the second batch: exit 130, one line, the first batch's images kept (batches of 2 rows
+    # share the compiled loops of the tests above)
+    saved = []
+
+    real_save = images_module.save_png
+
+    def interrupting_save(path, image):
+        if os.path.basename(path) == "002.png":
+            raise KeyboardInterrupt
+        saved.append(path)
+        real_save(path, image)
+
+    monkeypatch.setattr(images_module, "save_png", interrupting_save)
+    stop = tmp_path / "stopped"
+    code, stdout, err = _cli(capsys, "generate", "a red circle", "--num", "4", "--batch_size", "2",
+                             "--num_upsamplers", "0", *b, "--out", str(stop))
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 130 and len(lines) == 1, (code, err)
+    assert lines[0] == f"error: interrupted: wrote 2 of 4 images to {stop}"
+    assert sorted(os.listdir(stop)) == ["000.png", "001.png"] and "wrote images 0-1 of 4" in stdout

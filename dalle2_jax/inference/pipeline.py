@@ -10,7 +10,14 @@ generate: CLIP text encoding -> prior (best of `num_candidates` by dot product w
 -> guided decoder -> each upsampler. variations / interpolate / text_diff decode from the DDIM inversion of
 the input image (the decoder's own guided denoiser run backwards, refined by fixed-point iterations), so
 DDIM with eta = 0 reconstructs the input; they pass an empty caption. inpaint runs RePaint over the decoder
-(and over each upsampler whose resolution the input image reaches): the kept pixels come back unchanged.
+and every upsampler (the input and the mask resized to each stage's resolution) and then pastes the input's
+kept pixels back over each stage's output, so the pixels outside the mask are the input's (resized to the
+output resolution) whatever the input's size.
+
+The decoder and the upsamplers run one batch of `batch_size` rows at a time through the whole cascade, and
+`on_batch(first_row, images)` (if given) receives each batch's final images as soon as they exist, so a
+caller can write them out and a KeyboardInterrupt between batches loses only the batch in flight. The
+random draws depend on the batch size only, not on how the rows are split into calls.
 
 Sampling settings are per stage (`steps`, `sampler`, `guidance_scale`, `eta`, and the prior's
 `num_candidates`), defaulting to each stage's config and overridable per call with a nested dict, e.g.
@@ -41,6 +48,8 @@ MAX_GUIDANCE = 100.0
 SETTING_KEYS = {"prior": ("steps", "sampler", "guidance_scale", "eta", "num_candidates"),
                 "decoder": ("steps", "sampler", "guidance_scale", "eta"),
                 "upsampler": ("steps", "sampler", "eta")}
+# on_batch(first_row, uint8 images [n, R, R, 3]): a batch's final images, as soon as they exist
+OnBatch = Callable[[int, np.ndarray], None] | None
 SAMPLERS = {"prior": ("ddim", "ddpm"), "decoder": ("ddpm", "ddim"), "upsampler": ("ddim", "ddpm")}
 
 
@@ -74,6 +83,13 @@ def resize(a: np.ndarray, size: int, nearest: bool = False) -> np.ndarray:
         m = np.asarray(Image.fromarray(a.astype(np.uint8) * 255).resize((size, size), Image.BOX))
         return m > 0
     return np.asarray(Image.fromarray(a).resize((size, size), Image.NEAREST if nearest else Image.BICUBIC))
+
+
+def paste_kept(images: np.ndarray, known: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """images [N, R, R, 3] with the pixels where `keep` [R, R] is True replaced by `known` [R, R, 3]'s."""
+    out = np.array(images, copy=True)
+    out[:, keep] = known[keep]
+    return out
 
 
 def slerp(a: np.ndarray, b: np.ndarray, t: np.ndarray) -> np.ndarray:
@@ -230,8 +246,9 @@ class UnCLIPPipeline:
     def _timed(self, timings: dict, name: str, fn: Callable[[], np.ndarray], detail: str) -> np.ndarray:
         t0 = time.perf_counter()
         out = fn()
-        timings[name] = time.perf_counter() - t0
-        self.log(f"{name}: {detail} ({timings[name]:.2f}s)")
+        dt = time.perf_counter() - t0
+        timings[name] = timings.get(name, 0.0) + dt  # summed over the batches
+        self.log(f"{name}: {detail} ({dt:.2f}s)")
         return out
 
     def sample_prior(self, text_emb, states, valid, settings: dict, key: jax.Array, batch_size: int) -> np.ndarray:
@@ -245,8 +262,9 @@ class UnCLIPPipeline:
                            batch_size, text_emb, states, valid, mesh=self.mesh)
 
     def decode(self, emb: np.ndarray, tokens: np.ndarray, settings: dict, key: jax.Array, batch_size: int,
-               x_T: np.ndarray | None = None) -> np.ndarray:
-        """Guided decoder sampling -> uint8 [N, 64, 64, 3]; from x_T (by DDIM) when given."""
+               x_T: np.ndarray | None = None, first_index: int = 0) -> np.ndarray:
+        """Guided decoder sampling -> uint8 [N, 64, 64, 3]; from x_T (by DDIM) when given. Batch i draws
+        from fold_in(key, first_index + i)."""
         s = dict(settings[self.decoder.name])
         if x_T is not None:
             s["sampler"] = "ddim"
@@ -255,9 +273,9 @@ class UnCLIPPipeline:
         p = self.decoder.params
         if x_T is None:
             return run_batched(lambda e, t, i: fn(p, e, t, jax.random.fold_in(key, i)), batch_size, emb, tokens,
-                               mesh=self.mesh)
+                               mesh=self.mesh, first_index=first_index)
         return run_batched(lambda e, t, x, i: fn(p, e, t, jax.random.fold_in(key, i), x), batch_size, emb, tokens,
-                           x_T, mesh=self.mesh)
+                           x_T, mesh=self.mesh, first_index=first_index)
 
     def invert(self, emb: np.ndarray, images: np.ndarray, settings: dict, fixed_point_iters: int = 3) -> np.ndarray:
         """DDIM inversion of decoder-resolution uint8 images under the guided decoder -> x_T (float32)."""
@@ -268,32 +286,79 @@ class UnCLIPPipeline:
 
     def upsample(self, images: np.ndarray, settings: dict, keys: Callable[[int], jax.Array], batch_size: int,
                  timings: dict, num_upsamplers: int | None = None, known: np.ndarray | None = None,
-                 keep: np.ndarray | None = None, repaint: tuple[int, int] = (1, 1)) -> dict[str, np.ndarray]:
-        """Runs the upsamplers on uint8 images; with `known` (square uint8 source) and `keep` (bool, same
-        size), RePaint keeps the known pixels at every stage whose resolution the source reaches."""
+                 regen: np.ndarray | None = None, repaint: tuple[int, int] = (1, 1), first_index: int = 0,
+                 tag: str = "") -> dict[str, np.ndarray]:
+        """Runs the upsamplers on uint8 images; with `known` (square uint8 source, any size) and `regen` (bool,
+        its size: True = regenerate), each upsampler runs RePaint with both resized to its resolution, and the
+        kept pixels of the resized source are pasted back over its output."""
         out = {}
-        for j, ls in enumerate(self.upsamplers[:num_upsamplers]):
+        for j, ls in enumerate(self.upsamplers[:self._num_upsamplers(num_upsamplers)]):
             s = settings[ls.name]
             res = int(ls.entry["interface"]["resolution"])
             key = keys(10 + j)
-            if known is not None and known.shape[0] >= res:
-                kn, kp = resize(known, res), resize(keep, res)
+            if known is not None:
+                kn, kp = resize(known, res), ~resize(regen, res)
                 fn = self._fn((ls.name, "repaint", s["steps"], repaint),
                               lambda: ls.stage.make_inpainter(s["steps"], *repaint))
                 n = len(images)
                 kn_b, kp_b = np.repeat(kn[None], n, 0), np.repeat(kp[None], n, 0)
                 images = self._timed(timings, ls.name, lambda: run_batched(
                     lambda lo, k_, m_, i: fn(ls.params, lo, k_, m_, jax.random.fold_in(key, i)), batch_size,
-                    images, kn_b, kp_b, mesh=self.mesh),
-                    f"RePaint to {res}x{res}, {s['steps']} steps x {repaint[0]} resamplings")
+                    images, kn_b, kp_b, mesh=self.mesh, first_index=first_index),
+                    f"RePaint to {res}x{res}, {s['steps']} steps x {repaint[0]} resamplings{tag}")
+                images = paste_kept(images, kn, kp)
             else:
                 fn = self._fn((ls.name, tuple(sorted(s.items()))),
                               lambda: ls.stage.make_sampler(steps=s["steps"], sampler=s["sampler"], eta=s["eta"]))
                 images = self._timed(timings, ls.name, lambda: run_batched(
-                    lambda lo, i: fn(ls.params, lo, jax.random.fold_in(key, i)), batch_size, images, mesh=self.mesh),
-                    f"{len(images)} images to {res}x{res}, {s['steps']} {s['sampler']} steps")
+                    lambda lo, i: fn(ls.params, lo, jax.random.fold_in(key, i)), batch_size, images, mesh=self.mesh,
+                    first_index=first_index),
+                    f"{len(images)} images to {res}x{res}, {s['steps']} {s['sampler']} steps{tag}")
             out[ls.name] = images
         return out
+
+    def _num_upsamplers(self, num_upsamplers: int | None) -> int:
+        """How many upsamplers to run: all when None; InputError outside [0, available]."""
+        available = len(self.upsamplers)
+        if num_upsamplers is None:
+            return available
+        if isinstance(num_upsamplers, bool) or not isinstance(num_upsamplers, (int, np.integer)) or \
+                not 0 <= num_upsamplers <= available:
+            raise InputError(f"num_upsamplers must be in [0, {available}] (this bundle has {available} "
+                             f"upsampler{'s' if available != 1 else ''}), got {num_upsamplers!r}")
+        return int(num_upsamplers)
+
+    def _cascade(self, n: int, batch_size: int, decode_chunk: Callable[[slice, int], np.ndarray],
+                 decoder_detail: Callable[[int], str], settings: dict, keys: Callable[[int], jax.Array],
+                 timings: dict, num_upsamplers: int | None, on_batch: OnBatch,
+                 known: np.ndarray | None = None, regen: np.ndarray | None = None,
+                 repaint: tuple[int, int] = (1, 1)) -> dict[str, np.ndarray]:
+        """The decoder and the upsamplers over `n` rows, one batch at a time through the whole cascade:
+        decode_chunk(rows, batch_index) gives a batch's decoder images; on_batch(first_row, final images)
+        receives each batch's output. With `known` / `regen` (inpainting) the kept pixels are pasted back
+        after every stage. Returns {stage name: images of all rows}."""
+        from dalle2_jax.training.partitioning import round_batch
+
+        self._num_upsamplers(num_upsamplers)
+        bs = round_batch(batch_size, self.mesh)
+        starts = list(range(0, n, bs))
+        parts: dict[str, list] = {}
+        for c, start in enumerate(starts):
+            rows = slice(start, start + bs)
+            m = len(range(n)[rows])
+            tag = f" [batch {c + 1}/{len(starts)}]" if len(starts) > 1 else ""
+            dec = self._timed(timings, "decoder", lambda: decode_chunk(rows, c), decoder_detail(m) + tag)
+            if known is not None:
+                res = dec.shape[1]
+                dec = paste_kept(dec, resize(known, res), ~resize(regen, res))
+            imgs = {"decoder": dec}
+            imgs.update(self.upsample(dec, settings, keys, bs, timings, num_upsamplers, known=known, regen=regen,
+                                      repaint=repaint, first_index=c, tag=tag))
+            for name, v in imgs.items():
+                parts.setdefault(name, []).append(v)
+            if on_batch is not None:
+                on_batch(start, list(imgs.values())[-1])
+        return {name: np.concatenate(v) for name, v in parts.items()}
 
     def _finish(self, stage_images: dict, emb: np.ndarray, settings: dict, timings: dict,
                 warnings: list[str]) -> Output:
@@ -313,9 +378,9 @@ class UnCLIPPipeline:
     # --- the methods ------------------------------------------------------------------------------------
     def generate(self, prompts: Sequence[str] | str, num_images: int = 1, seed: int = 0, *,
                  settings: dict | None = None, batch_size: int | None = None,
-                 num_upsamplers: int | None = None) -> Output:
+                 num_upsamplers: int | None = None, on_batch: OnBatch = None) -> Output:
         """Text -> images: `num_images` per prompt (rows prompt-major), all prompts batched together
-        (`batch_size` rows at a time, default all)."""
+        (`batch_size` rows at a time, default all; `on_batch`: see the module doc)."""
         if num_images < 1:
             raise InputError(f"num_images must be >= 1, got {num_images}")
         if self.prior is None:
@@ -323,6 +388,7 @@ class UnCLIPPipeline:
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts:
             raise InputError("no prompt given")
+        self._num_upsamplers(num_upsamplers)
         info = self._common(settings, seed)
         s = info["sampling"]
         rows = [p for p in prompts for _ in range(num_images)]
@@ -335,10 +401,10 @@ class UnCLIPPipeline:
                           f"{ps['steps']} {ps['sampler']} steps x {ps['num_candidates']} candidates, guidance "
                           f"{ps['guidance_scale']:g}")
         ds = s[self.decoder.name]
-        stage_images = {"decoder": self._timed(
-            timings, "decoder", lambda: self.decode(emb, tokens, s, keys(1), bs),
-            f"{len(rows)} images, {ds['steps']} {ds['sampler']} steps, guidance {ds['guidance_scale']:g}")}
-        stage_images.update(self.upsample(stage_images["decoder"], s, keys, bs, timings, num_upsamplers))
+        stage_images = self._cascade(
+            len(rows), bs, lambda r, c: self.decode(emb[r], tokens[r], s, keys(1), bs, first_index=c),
+            lambda m: f"{m} images, {ds['steps']} {ds['sampler']} steps, guidance {ds['guidance_scale']:g}",
+            s, keys, timings, num_upsamplers, on_batch)
         info.update(method="generate", prompts=prompts, num_images=int(num_images))
         return self._finish(stage_images, emb, info, timings, warnings)
 
@@ -355,7 +421,7 @@ class UnCLIPPipeline:
 
     def variations(self, image: Any, num: int = 4, eta: float = 0.8, seed: int = 0, *,
                    settings: dict | None = None, batch_size: int | None = None, num_upsamplers: int | None = None,
-                   fixed_point_iters: int = 3) -> Output:
+                   fixed_point_iters: int = 3, on_batch: OnBatch = None) -> Output:
         """`num` variations of an image: its CLIP embedding and DDIM-inverted noise, decoded by DDIM with
         `eta` (eta = 0 reconstructs the image; larger eta varies more)."""
         if num < 1:
@@ -363,6 +429,7 @@ class UnCLIPPipeline:
         if not 0.0 <= eta <= 1.0:
             raise InputError(f"eta must be in [0, 1], got {eta}")
         src = self._prepare(image)
+        self._num_upsamplers(num_upsamplers)
         info = self._common(settings, seed)
         s = copy.deepcopy(info["sampling"])
         s[self.decoder.name].update(sampler="ddim", eta=float(eta))
@@ -370,17 +437,17 @@ class UnCLIPPipeline:
         emb, x_T = self._embed_and_invert([src], s, timings, fixed_point_iters)
         emb, x_T = np.repeat(emb, num, 0), np.repeat(x_T, num, 0)
         bs = self._batch(batch_size, num)
-        stage_images = {"decoder": self._timed(
-            timings, "decoder", lambda: self.decode(emb, self._empty_tokens(num), s, keys(1), bs, x_T=x_T),
-            f"{num} variations, DDIM eta {eta:g}")}
-        stage_images.update(self.upsample(stage_images["decoder"], s, keys, bs, timings, num_upsamplers))
+        tokens = self._empty_tokens(num)
+        stage_images = self._cascade(
+            num, bs, lambda r, c: self.decode(emb[r], tokens[r], s, keys(1), bs, x_T=x_T[r], first_index=c),
+            lambda m: f"{m} variations, DDIM eta {eta:g}", s, keys, timings, num_upsamplers, on_batch)
         info.update(method="variations", num=int(num), eta=float(eta), fixed_point_iters=int(fixed_point_iters),
                     sampling=s)
         return self._finish(stage_images, emb, info, timings, [])
 
     def interpolate(self, image_a: Any, image_b: Any, steps: int = 5, noise: str = "interpolate", seed: int = 0, *,
                     settings: dict | None = None, batch_size: int | None = None, num_upsamplers: int | None = None,
-                    fixed_point_iters: int = 3) -> Output:
+                    fixed_point_iters: int = 3, on_batch: OnBatch = None) -> Output:
         """`steps` frames along the slerp of two images' CLIP embeddings, decoded by DDIM (eta 0) from noise
         that is the slerp of their DDIM inversions (noise='interpolate') or one fixed draw (noise='fixed')."""
         if steps < 2:
@@ -388,6 +455,7 @@ class UnCLIPPipeline:
         if noise not in ("interpolate", "fixed"):
             raise InputError(f"noise must be 'interpolate' or 'fixed', got {noise!r}")
         a, b = self._prepare(image_a, "image A"), self._prepare(image_b, "image B")
+        self._num_upsamplers(num_upsamplers)
         info = self._common(settings, seed)
         s = copy.deepcopy(info["sampling"])
         s[self.decoder.name].update(sampler="ddim", eta=0.0)
@@ -400,24 +468,26 @@ class UnCLIPPipeline:
         else:
             x_T = np.repeat(np.asarray(jax.random.normal(keys(2), x2.shape[1:], jnp.float32))[None], steps, 0)
         bs = self._batch(batch_size, steps)
-        stage_images = {"decoder": self._timed(
-            timings, "decoder", lambda: self.decode(emb, self._empty_tokens(steps), s, keys(1), bs, x_T=x_T),
-            f"{steps} frames, noise {noise}")}
-        stage_images.update(self.upsample(stage_images["decoder"], s, keys, bs, timings, num_upsamplers))
+        tokens = self._empty_tokens(steps)
+        stage_images = self._cascade(
+            steps, bs, lambda r, c: self.decode(emb[r], tokens[r], s, keys(1), bs, x_T=x_T[r], first_index=c),
+            lambda m: f"{m} frames, noise {noise}", s, keys, timings, num_upsamplers, on_batch)
         info.update(method="interpolate", steps=int(steps), noise=noise, fractions=t.tolist(), sampling=s)
         return self._finish(stage_images, emb, info, timings, [])
 
     def text_diff(self, image: Any, from_caption: str, to_caption: str, steps: int = 5, max_angle: float = 0.5,
                   seed: int = 0, *, settings: dict | None = None, batch_size: int | None = None,
-                  num_upsamplers: int | None = None, fixed_point_iters: int = 3) -> Output:
+                  num_upsamplers: int | None = None, fixed_point_iters: int = 3, on_batch: OnBatch = None) -> Output:
         """DALL-E 2's text diffs: the image embedding rotated toward d = normalise(text(to) - text(from)),
         z(theta) = slerp(z_image, d, theta) for `steps` thetas in [0, max_angle], decoded by DDIM (eta 0) from
-        the image's fixed DDIM-inverted noise (theta = 0 reconstructs the image)."""
-        if steps < 1:
-            raise InputError(f"steps must be >= 1, got {steps}")
+        the image's fixed DDIM-inverted noise (theta = 0 reconstructs the image, so `steps` >= 2)."""
+        if steps < 2:
+            raise InputError(f"a text diff needs steps >= 2 (the first frame, theta 0, is the unedited "
+                             f"reconstruction), got {steps}")
         if not 0.0 < max_angle <= 1.0:
             raise InputError(f"max_angle must be in (0, 1], got {max_angle}")
         src = self._prepare(image)
+        self._num_upsamplers(num_upsamplers)
         tokens, warnings = self.tokenize([from_caption, to_caption])
         info = self._common(settings, seed)
         s = copy.deepcopy(info["sampling"])
@@ -434,20 +504,23 @@ class UnCLIPPipeline:
         emb = slerp(z[0], d * norm, thetas)
         x_T = np.repeat(x_T, steps, 0)
         bs = self._batch(batch_size, steps)
-        stage_images = {"decoder": self._timed(
-            timings, "decoder", lambda: self.decode(emb, self._empty_tokens(steps), s, keys(1), bs, x_T=x_T),
-            f"{steps} frames up to theta {max_angle:g}")}
-        stage_images.update(self.upsample(stage_images["decoder"], s, keys, bs, timings, num_upsamplers))
+        empty = self._empty_tokens(steps)
+        stage_images = self._cascade(
+            steps, bs, lambda r, c: self.decode(emb[r], empty[r], s, keys(1), bs, x_T=x_T[r], first_index=c),
+            lambda m: f"{m} frames up to theta {max_angle:g}", s, keys, timings, num_upsamplers, on_batch)
         info.update(method="text_diff", from_caption=from_caption, to_caption=to_caption, steps=int(steps),
                     max_angle=float(max_angle), thetas=thetas.tolist(), sampling=s)
         return self._finish(stage_images, emb, info, timings, warnings)
 
     def inpaint(self, image: Any, mask: Any, prompt: str, num: int = 1, seed: int = 0, *,
                 settings: dict | None = None, resample: int = 4, jump_length: int = 5, batch_size: int | None = None,
-                num_upsamplers: int | None = None) -> Output:
+                num_upsamplers: int | None = None, on_batch: OnBatch = None) -> Output:
         """Regenerates the masked region (mask pixels > 127, same size as the image) consistent with the prompt
         and the rest of the image: the prior's embedding for the prompt, then RePaint over the guided decoder
-        (`resample` passes per `jump_length` steps) and over each upsampler the input's resolution reaches."""
+        (`resample` passes per `jump_length` steps) and over every upsampler, the centred square of the image
+        and of the mask resized to each stage's resolution (a mask pixel covering any of a resized pixel's
+        area selects it). After every stage the kept pixels of the resized image are pasted back, so outside
+        the (resized) mask the output is the input, resized to the output resolution, at any input size."""
         if num < 1:
             raise InputError(f"num must be >= 1, got {num}")
         if resample < 1 or jump_length < 1:
@@ -463,7 +536,7 @@ class UnCLIPPipeline:
         if not regen.any():
             raise InputError("the mask selects no pixels (white = regenerate); nothing to inpaint")
         src = center_square(img)
-        keep = ~regen
+        self._num_upsamplers(num_upsamplers)
         info = self._common(settings, seed)
         s = info["sampling"]
         rows = [prompt] * num
@@ -480,12 +553,12 @@ class UnCLIPPipeline:
         known = np.repeat(resize(src, dec_res)[None], num, 0)
         kp = np.repeat(~resize(regen, dec_res)[None], num, 0)
         key = keys(1)
-        stage_images = {"decoder": self._timed(timings, "decoder", lambda: run_batched(
-            lambda e, t, k_, m_, i: fn(self.decoder.params, e, t, k_, m_, jax.random.fold_in(key, i)), bs, emb,
-            tokens, known, kp, mesh=self.mesh),
-            f"RePaint {ds['steps']} steps x {resample} resamplings (jump {jump_length})")}
-        stage_images.update(self.upsample(stage_images["decoder"], s, keys, bs, timings, num_upsamplers,
-                                          known=src, keep=keep, repaint=rp))
+        stage_images = self._cascade(
+            num, bs, lambda r, c: run_batched(
+                lambda e, t, k_, m_, i: fn(self.decoder.params, e, t, k_, m_, jax.random.fold_in(key, i)), bs,
+                emb[r], tokens[r], known[r], kp[r], mesh=self.mesh, first_index=c),
+            lambda m: f"RePaint {ds['steps']} steps x {resample} resamplings (jump {jump_length})", s, keys,
+            timings, num_upsamplers, on_batch, known=src, regen=regen, repaint=rp)
         info.update(method="inpaint", prompt=prompt, num=int(num), resample=int(resample),
                     jump_length=int(jump_length), masked_fraction=float(regen.mean()))
         return self._finish(stage_images, emb, info, timings, warnings)

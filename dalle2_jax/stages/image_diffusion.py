@@ -46,9 +46,10 @@ def image_grid(rows: list[np.ndarray], pad: int = 2) -> np.ndarray:
     return grid
 
 
-def run_batched(fn, batch_size: int, *arrays: np.ndarray, mesh=None) -> np.ndarray:
+def run_batched(fn, batch_size: int, *arrays: np.ndarray, mesh=None, first_index: int = 0) -> np.ndarray:
     """fn(*chunks, batch_index) over `batch_size` rows of `arrays` at a time (the last chunk padded by
-    repeating its last row, so one compiled shape serves all), concatenated to numpy. With a `mesh` the
+    repeating its last row, so one compiled shape serves all), concatenated to numpy; batch indices count
+    from `first_index` (a caller feeding one batch at a time passes its index). With a `mesh` the
     batch is rounded up to a multiple of its batch axes and every chunk is sharded over them, so each device
     samples its own rows (a pod evaluates in parallel); the results are gathered to every process."""
     from dalle2_jax.training.partitioning import round_batch, shard_rows, to_host
@@ -60,7 +61,7 @@ def run_batched(fn, batch_size: int, *arrays: np.ndarray, mesh=None) -> np.ndarr
         n = len(chunks[0])
         if n < batch_size:
             chunks = [np.concatenate([c, np.repeat(c[-1:], batch_size - n, 0)]) for c in chunks]
-        outs.append(to_host(fn(*shard_rows(mesh, *chunks), i))[:n])
+        outs.append(to_host(fn(*shard_rows(mesh, *chunks), first_index + i))[:n])
     return np.concatenate(outs)
 
 
