@@ -12,16 +12,25 @@ It writes
   `PriorTransformer` with karlo's settings at tiny sizes (TINY_PRIOR below), every parameter perturbed
   away from its initial value (no zeros, no unit norms, a non-trivial clip_mean / clip_std), saved with
   `save_pretrained`;
+- tests/fixtures/karlo_tiny/decoder/ and text_proj/: a diffusers `UNet2DConditionModel` with karlo's
+  decoder block types and settings at tiny sizes (TINY_DECODER: 3 levels of 8/16/24 channels, GroupNorm
+  with 2 groups so every group has >= 4 channels, as our GroupNorm needs) and an `UnCLIPTextProjModel`
+  sized to it (TINY_TEXT_PROJ), perturbed the same way; the decoder's weights are stored as float16 (to
+  keep the fixture small; the reference runs the float32 model holding exactly those values);
 - tests/fixtures/karlo_tiny/reference.npz: fixed inputs (timesteps, noisy embeddings, text embeddings,
   text token states, a text padding mask with a different length per row) and diffusers' outputs on them:
   `prior/predicted` (the raw x0 prediction, in the standardised space) and `prior/unnormalised`
   (`post_process_latents` of it: predicted * clip_std + clip_mean, as the pipeline returns embeddings);
+  `text_proj/*` (the context tokens and the additive time embedding, one row with the learned null image
+  embedding) and `decoder/output` (the UNet's [B, 6, H, W] on them, the pipeline's call with the text mask
+  left-padded by 4 x True);
 - tests/fixtures/karlo_tiny/index.json: versions, the inputs' description, the weights' sha256;
 - tests/fixtures/karlo_keys.json: the FULL-SIZE karlo components' tensor names and shapes and their
   configs, from meta-device instantiation (no weights). Its "components" map holds one entry per
-  pipeline component ("prior" here; the decoder, text_proj and super-res parts add theirs), each with
+  pipeline component ("prior", "decoder", "text_proj"; the super-res part adds its own), each with
   the class, its config, the tensor count, the parameter count and the {name: shape} list in state-dict
-  order. `--only prior` regenerates one component and keeps the others.
+  order. `--only prior` (or `--only decoder text_proj`, made together) regenerates those components and
+  keeps the others.
 """
 
 from __future__ import annotations
@@ -43,6 +52,24 @@ TINY_PRIOR = dict(num_attention_heads=2, attention_head_dim=16, num_layers=2, em
                   additional_embeddings=4, dropout=0.0, time_embed_act_fn="silu", norm_in_type=None,
                   embedding_proj_norm_type=None, encoder_hid_proj_type="linear", added_emb_type="prd",
                   time_embed_dim=None, embedding_proj_dim=None, clip_embed_dim=None)
+# karlo's decoder (the diffusers conversion script's DECODER_CONFIG; the rest are UNet2DConditionModel's
+# defaults: GroupNorm 32 / 1e-5, [cos, sin] timestep features with shift 0, SiLU)
+DECODER_CONFIG = dict(sample_size=64, layers_per_block=3,
+                      down_block_types=("ResnetDownsampleBlock2D",) + ("SimpleCrossAttnDownBlock2D",) * 3,
+                      up_block_types=("SimpleCrossAttnUpBlock2D",) * 3 + ("ResnetUpsampleBlock2D",),
+                      mid_block_type="UNetMidBlock2DSimpleCrossAttn", block_out_channels=(320, 640, 960, 1280),
+                      in_channels=3, out_channels=6, cross_attention_dim=1536, class_embed_type="identity",
+                      attention_head_dim=64, resnet_time_scale_shift="scale_shift")
+# the same block types at tiny sizes: attention at 8 and 4 px (not at the first level) and in the middle,
+# 8-channel heads, a 20-wide context (not 4 x channels), 2 resnets per level
+TINY_DECODER = dict(DECODER_CONFIG, sample_size=16, layers_per_block=2,
+                    down_block_types=("ResnetDownsampleBlock2D",) + ("SimpleCrossAttnDownBlock2D",) * 2,
+                    up_block_types=("SimpleCrossAttnUpBlock2D",) * 2 + ("ResnetUpsampleBlock2D",),
+                    block_out_channels=(8, 16, 24), cross_attention_dim=20, attention_head_dim=8, norm_num_groups=2)
+# text_proj sized to the tiny decoder: time embedding 4 x 8, a 12-d CLIP (text embedding and token states)
+TINY_TEXT_PROJ = dict(clip_extra_context_tokens=4, clip_embeddings_dim=12, time_embed_dim=32, cross_attention_dim=20)
+DECODER_TEXT_LENGTHS = [10, 4, 1, 7]  # valid caption tokens per row, of 10
+DECODER_NULL_ROWS = [False, True, False, False]  # rows given the learned null image embedding
 TIMESTEPS = [0, 1, 437, 999]
 TEXT_LENGTHS = [12, 5, 1, 9]  # valid caption tokens per row (the rest is padding)
 
@@ -67,6 +94,76 @@ def _perturb(model, seed: int) -> None:
             else:
                 p.add_(0.1 * noise)
             assert bool((p != 0).all()), name
+
+
+def _perturb_weights(model, seed: int) -> None:
+    """Moves every parameter away from its initial value: weights (2-D and conv) get N(0, 1/fan_in) noise
+    added, vectors N(0, 0.1) (norm scales around 1), the null image embedding N(0, 1)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            if name == "learned_classifier_free_guidance_embeddings":
+                p.copy_(noise)
+            elif p.ndim >= 2:
+                p.add_(noise / (p[0].numel()) ** 0.5)
+            else:
+                p.add_(0.1 * noise)
+            assert bool((p != 0).all()), name
+
+
+def make_tiny_decoder(out_dir: str, seed: int = 10) -> dict:
+    """Saves the tiny decoder and text_proj under out_dir/{decoder,text_proj} and returns {name: array} of
+    their inputs and outputs (the pipeline's decoder call, one step)."""
+    import torch
+    import torch.nn.functional as F
+    from diffusers import UNet2DConditionModel
+    from diffusers.pipelines.deprecated.unclip.text_proj import UnCLIPTextProjModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**TINY_DECODER).eval()
+    text_proj = UnCLIPTextProjModel(**TINY_TEXT_PROJ).eval()
+    _perturb_weights(unet, seed + 1)
+    _perturb_weights(text_proj, seed + 2)
+    with torch.no_grad():  # the decoder is stored as float16: compute with exactly the stored values
+        for p in unet.parameters():
+            p.copy_(p.half().float())
+    unet.half().save_pretrained(os.path.join(out_dir, "decoder"), safe_serialization=True)
+    unet.float()
+    text_proj.save_pretrained(os.path.join(out_dir, "text_proj"), safe_serialization=True)
+
+    rng = np.random.default_rng(seed + 3)
+    b, e = len(TIMESTEPS), TINY_TEXT_PROJ["clip_embeddings_dim"]
+    n, side = max(DECODER_TEXT_LENGTHS), TINY_DECODER["sample_size"]
+    x_t = rng.standard_normal((b, 3, side, side), dtype=np.float32)
+    image_emb = rng.standard_normal((b, e), dtype=np.float32)
+    text_emb = (3.0 * rng.standard_normal((b, e))).astype(np.float32)
+    states = rng.standard_normal((b, n, e), dtype=np.float32)
+    mask = np.arange(n)[None, :] < np.asarray(DECODER_TEXT_LENGTHS)[:, None]
+    null = np.asarray(DECODER_NULL_ROWS)
+    t = np.asarray(TIMESTEPS, np.int64)
+    T = torch.from_numpy
+    with torch.no_grad():
+        # the null rows as text_proj's classifier-free-guidance path makes them: the learned embedding
+        cond = T(image_emb).clone()
+        cond[T(null)] = text_proj.learned_classifier_free_guidance_embeddings
+        context, additive = text_proj(image_embeddings=cond, prompt_embeds=T(text_emb),
+                                      text_encoder_hidden_states=T(states), do_classifier_free_guidance=False)
+        rows = np.flatnonzero(null)
+        cfg_context, cfg_additive = text_proj(
+            image_embeddings=T(image_emb[rows]), prompt_embeds=T(text_emb[np.r_[rows, rows]]),
+            text_encoder_hidden_states=T(states[np.r_[rows, rows]]), do_classifier_free_guidance=True)
+        assert torch.allclose(cfg_context[: len(rows)], context[rows]), "text_proj's own null rows differ"
+        assert torch.allclose(cfg_additive[: len(rows)], additive[rows])
+        decoder_mask = F.pad(T(mask), (TINY_TEXT_PROJ["clip_extra_context_tokens"], 0), value=True)
+        out = unet(T(x_t), timestep=T(t), encoder_hidden_states=context, class_labels=additive,
+                   attention_mask=decoder_mask).sample
+    return {"decoder/timesteps": t.astype(np.int32), "decoder/x_t": x_t, "decoder/image_emb": image_emb,
+            "decoder/text_emb": text_emb, "decoder/text_states": states, "decoder/text_mask": mask,
+            "decoder/null_rows": null, "text_proj/context": context.numpy(), "text_proj/additive": additive.numpy(),
+            "decoder/output": out.numpy()}
 
 
 def make_tiny_prior(out_dir: str, seed: int = 0) -> dict:
@@ -104,16 +201,22 @@ def full_size_components() -> dict:
     """The full-size karlo components on the meta device: {component: {class, config, num_tensors,
     num_params, tensors: {name: shape}}}."""
     import torch
-    from diffusers import PriorTransformer
+    from diffusers import PriorTransformer, UNet2DConditionModel
+    from diffusers.pipelines.deprecated.unclip.text_proj import UnCLIPTextProjModel
 
-    out = {}
     with torch.device("meta"):
-        prior = PriorTransformer()  # its defaults are karlo's
-    sd = prior.state_dict()
-    out["prior"] = {"class": "PriorTransformer",
-                    "config": {k: v for k, v in dict(prior.config).items() if not k.startswith("_")},
-                    "num_tensors": len(sd), "num_params": int(sum(v.numel() for v in sd.values())),
-                    "tensors": {k: list(v.shape) for k, v in sd.items()}}
+        models = {"prior": PriorTransformer(),  # its defaults are karlo's
+                  "decoder": UNet2DConditionModel(**DECODER_CONFIG),
+                  # as the conversion script builds it: time embedding 4 x 320, the decoder's context width
+                  "text_proj": UnCLIPTextProjModel(time_embed_dim=4 * DECODER_CONFIG["block_out_channels"][0],
+                                                   cross_attention_dim=DECODER_CONFIG["cross_attention_dim"])}
+    out = {}
+    for name, model in models.items():
+        sd = model.state_dict()
+        config = json.loads(json.dumps({k: v for k, v in dict(model.config).items() if not k.startswith("_")}))
+        out[name] = {"class": type(model).__name__, "config": config,
+                     "num_tensors": len(sd), "num_params": int(sum(v.numel() for v in sd.values())),
+                     "tensors": {k: list(v.shape) for k, v in sd.items()}}
     return out
 
 
@@ -132,7 +235,7 @@ def main() -> None:
 
     versions = {"torch": torch.__version__, "diffusers": diffusers.__version__,
                 "safetensors": safetensors.__version__, "numpy": np.__version__}
-    only = set(args.only or ["prior"])
+    only = set(args.only or ["prior", "decoder", "text_proj"])
 
     keys = {"format": 1, "components": {}}
     if os.path.exists(KEYS_PATH):
@@ -171,6 +274,31 @@ def main() -> None:
             "max_abs": {k: float(np.abs(arrays[f"prior/{k}"]).max())
                         for k in ("predicted", "unnormalised", "predicted_t437")}}
         print(f"tiny prior: outputs max |x| {index['components']['prior']['max_abs']}")
+    if only & {"decoder", "text_proj"}:  # made together: the reference runs text_proj into the decoder
+        arrays = {k: v for k, v in arrays.items() if not k.startswith(("decoder/", "text_proj/"))}
+        arrays.update(make_tiny_decoder(TINY_DIR))
+        shared = {"timesteps": TIMESTEPS, "text_lengths": DECODER_TEXT_LENGTHS, "null_rows": DECODER_NULL_ROWS}
+        index["components"]["text_proj"] = {
+            "class": "UnCLIPTextProjModel", "config": TINY_TEXT_PROJ,
+            "weights_sha256": _sha256(os.path.join(TINY_DIR, "text_proj", "diffusion_pytorch_model.safetensors")),
+            **shared,
+            "outputs": {"context": "text_proj(image_embeddings=image_emb with null_rows replaced by "
+                                   "learned_classifier_free_guidance_embeddings (as its do_classifier_free_guidance "
+                                   "path does), prompt_embeds=text_emb, text_encoder_hidden_states=text_states) "
+                                   "[0]: [B, 4 + L, cross_attention_dim]",
+                        "additive": "the same call's [1]: [B, time_embed_dim] (the decoder's class_labels)"},
+            "max_abs": {k: float(np.abs(arrays[f"text_proj/{k}"]).max()) for k in ("context", "additive")}}
+        index["components"]["decoder"] = {
+            "class": "UNet2DConditionModel", "config": TINY_DECODER, "weights_dtype": "float16",
+            "weights_sha256": _sha256(os.path.join(TINY_DIR, "decoder", "diffusion_pytorch_model.safetensors")),
+            **shared,
+            "outputs": {"output": "decoder(x_t [B, 3, H, W], timestep=t, encoder_hidden_states=text_proj/context, "
+                                  "class_labels=text_proj/additive, attention_mask=text_mask left-padded with 4 x "
+                                  "True).sample: [B, 6, H, W] float32 (the model in float32 holding the stored "
+                                  "float16 values)"},
+            "max_abs": {"output": float(np.abs(arrays["decoder/output"]).max())}}
+        print(f"tiny decoder: output max |x| {index['components']['decoder']['max_abs']}, text_proj "
+              f"{index['components']['text_proj']['max_abs']}")
     index["versions"] = versions
     np.savez_compressed(npz_path, **arrays)
     with open(index_path, "w") as f:
