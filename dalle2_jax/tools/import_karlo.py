@@ -22,8 +22,36 @@ component, each with a `config.json` and a `diffusion_pytorch_model.safetensors`
 | clip_mean, clip_std [1, E]                   | the stage's embedding statistics (stats/)      |
 
 torch Linear weights [out, in] become Dense kernels [in, out]; with `model.scan_layers` the blocks are
-stacked on a leading axis. Every size comes from the component's config.json, so smaller or larger
-karlo-style priors import too; a config.json option our modules cannot express is refused naming the key.
+stacked on a leading axis.
+
+The `decoder/` (diffusers' `UNet2DConditionModel` with karlo's block types) and `text_proj/`
+(`UnCLIPTextProjModel`) components map together onto models/unet.py's UNet with configs/decoder.py:karlo's
+switches (diffusers' up_blocks.b is our level L-1-b; the resample resnets are ResBlocks with up/down):
+
+| diffusers                                                  | ours (under 'params')                          |
+|------------------------------------------------------------|------------------------------------------------|
+| time_embedding.linear_{1,2}                                | time_fc{1,2}                                   |
+| conv_in / conv_norm_out / conv_out                         | in_conv / out_norm / out_conv                  |
+| down_blocks.l.resnets.i / .attentions.i / .downsamplers.0  | down_{l}_res_{i} / _attn_{i} / down_{l}_resample |
+| mid_block.resnets.0 / .attentions.0 / .resnets.1           | mid_res_0 / mid_attn / mid_res_1               |
+| up_blocks.b.resnets.i / .attentions.i / .upsamplers.0      | up_{L-1-b}_res_{i} / _attn_{i} / _resample     |
+| resnet norm1, conv1, time_emb_proj, norm2, conv2           | in_norm, in_conv, emb_proj, out_norm, out_conv |
+| resnet conv_shortcut (1x1)                                 | skip                                           |
+| attention group_norm, to_q, to_k, to_v, to_out.0           | norm, query, key, value, out                   |
+| attention add_k_proj, add_v_proj (context keys first)      | context_key, context_value                     |
+| text_proj learned_classifier_free_guidance_embeddings      | null_image_embedding                           |
+| text_proj clip_image_embeddings_project_to_time_embeddings | image_to_time                                  |
+| text_proj embedding_proj (text embedding -> time)          | text_to_time                                   |
+| text_proj clip_extra_context_tokens_proj                   | image_to_tokens (rows re-ordered, below)       |
+| text_proj encoder_hidden_states_proj / _norm               | text_states_proj / text_states_norm            |
+
+torch Conv2d weights [out, in, kh, kw] become flax kernels [kh, kw, in, out] (both cross-correlate).
+diffusers reshapes clip_extra_context_tokens_proj's output to [B, D, T] and transposes it, so token j is
+output row c * T + j; ours are contiguous (j * D + c), so the rows (and the bias) are re-ordered.
+diffusers' class_labels (text_proj's two time projections, summed) is our image_to_time + text_to_time.
+
+Every size comes from the components' config.json, so smaller or larger karlo-style models import too; a
+config.json option our modules cannot express is refused naming the key.
 The safetensors file is read without torch (import_clip.WeightFile); a missing, unexpected or mis-shaped
 tensor is refused by name, and every tensor of the file is used.
 """
@@ -294,3 +322,298 @@ def load_prior(folder: str, scan_layers: bool | None = None) -> ImportedPrior:
     num_params = int(sum(a.size for a in jax.tree.leaves(variables)))
     return ImportedPrior(config=config, variables=variables, stats=stats, num_tensors=len(expected),
                          num_params=num_params)
+
+
+# --- the decoder (UNet2DConditionModel) and text_proj (UnCLIPTextProjModel) ------------------------------
+DECODER_CLASS = "UNet2DConditionModel"
+TEXT_PROJ_CLASS = "UnCLIPTextProjModel"
+_DOWN_PLAIN, _DOWN_ATTN = "ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"
+_UP_PLAIN, _UP_ATTN = "ResnetUpsampleBlock2D", "SimpleCrossAttnUpBlock2D"
+_MID_ATTN = "UNetMidBlock2DSimpleCrossAttn"
+# UNet2DConditionModel options our UNet expresses in one way only: (config.json key, diffusers' default,
+# the value it must have). Training-only keys (dropout) are not checked.
+_DECODER_FIXED = (
+    ("in_channels", 4, 3), ("center_input_sample", False, False), ("flip_sin_to_cos", True, True),
+    ("freq_shift", 0, 0), ("act_fn", "silu", "silu"), ("norm_eps", 1e-5, 1e-5),
+    ("class_embed_type", None, "identity"), ("mid_block_type", "UNetMidBlock2DCrossAttn", _MID_ATTN),
+    ("only_cross_attention", False, False), ("mid_block_only_cross_attention", None, None),
+    ("cross_attention_norm", None, None), ("dual_cross_attention", False, False),
+    ("use_linear_projection", False, False), ("upcast_attention", False, False),
+    ("transformer_layers_per_block", 1, 1), ("reverse_transformer_layers_per_block", None, None),
+    ("encoder_hid_dim", None, None), ("encoder_hid_dim_type", None, None), ("num_attention_heads", None, None),
+    ("addition_embed_type", None, None), ("num_class_embeds", None, None), ("class_embeddings_concat", False, False),
+    ("time_embedding_type", "positional", "positional"), ("time_embedding_act_fn", None, None),
+    ("timestep_post_act", None, None), ("time_cond_proj_dim", None, None), ("conv_in_kernel", 3, 3),
+    ("conv_out_kernel", 3, 3), ("projection_class_embeddings_input_dim", None, None),
+    ("resnet_skip_time_act", False, False), ("resnet_out_scale_factor", 1.0, 1.0), ("mid_block_scale_factor", 1, 1),
+    ("attention_type", "default", "default"))
+_SCALE_SHIFT = {"scale_shift": True, "default": False}
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderDims:
+    """The sizes of a karlo-style decoder, from a diffusers UNet2DConditionModel config.json and its
+    UnCLIPTextProjModel config.json."""
+
+    channels: int  # block_out_channels[0]
+    channel_mult: tuple[int, ...]
+    num_res_blocks: int  # layers_per_block
+    attention: tuple[bool, ...]  # per level: SimpleCrossAttn blocks (else plain resnet blocks)
+    image_size: int  # sample_size
+    head_channels: int  # attention_head_dim
+    groups: int  # norm_num_groups
+    scale_shift: bool  # resnet_time_scale_shift
+    out_channels: int  # 6 = eps + learned-range variance, 3 = eps
+    context_width: int  # cross_attention_dim
+    image_tokens: int  # text_proj's clip_extra_context_tokens
+    clip_dim: int  # text_proj's clip_embeddings_dim: image embedding, text embedding and text token width
+
+    @property
+    def time_dim(self) -> int:
+        return 4 * self.channels
+
+    @property
+    def level_channels(self) -> tuple[int, ...]:
+        return tuple(self.channels * m for m in self.channel_mult)
+
+    @property
+    def attention_resolutions(self) -> tuple[int, ...]:
+        return tuple(self.image_size // 2 ** lvl for lvl, a in enumerate(self.attention) if a)
+
+
+def decoder_dims(cfg: dict, text_cfg: dict, where: str = "decoder/config.json",
+                 text_where: str = "text_proj/config.json") -> DecoderDims:
+    """The sizes of the decoder a diffusers UNet2DConditionModel config (dict) and its UnCLIPTextProjModel
+    config describe. Raises InputError naming a key our UNet cannot express."""
+    for key, default, want in _DECODER_FIXED:
+        have = cfg.get(key, default)
+        if have != want and not (isinstance(want, float) and isinstance(have, (int, float)) and float(have) == want):
+            raise InputError(f"{where}: {key} is {have!r}; karlo's decoder (and our UNet) has {want!r}")
+    for key in ("block_out_channels", "down_block_types", "up_block_types", "layers_per_block",
+                "attention_head_dim", "cross_attention_dim", "sample_size", "out_channels"):
+        if cfg.get(key) is None:
+            raise InputError(f"{where}: {key} is missing (diffusers' default is not karlo's)")
+    boc = [int(c) for c in cfg["block_out_channels"]]
+    mc = boc[0]
+    if any(c % mc for c in boc):
+        raise InputError(f"{where}: block_out_channels {boc} are not multiples of the first; our UNet's are "
+                         "channels x channel_mult")
+    down, up = list(cfg["down_block_types"]), list(cfg["up_block_types"])
+    if len(down) != len(boc) or len(up) != len(boc):
+        raise InputError(f"{where}: down_block_types / up_block_types need one entry per block_out_channels")
+    attention = []
+    for lvl, (d, u) in enumerate(zip(down, reversed(up))):
+        if d not in (_DOWN_PLAIN, _DOWN_ATTN):
+            raise InputError(f"{where}: down_block_types[{lvl}] is {d!r}; our UNet has {_DOWN_PLAIN} or {_DOWN_ATTN}")
+        want_up = _UP_ATTN if d == _DOWN_ATTN else _UP_PLAIN
+        if u != want_up:
+            raise InputError(f"{where}: up_block_types[{len(up) - 1 - lvl}] is {u!r}; our UNet mirrors "
+                             f"down_block_types[{lvl}] ({d}) with {want_up}")
+        attention.append(d == _DOWN_ATTN)
+    if not any(attention):
+        raise InputError(f"{where}: mid_block_type {_MID_ATTN} with no attention level; our UNet has middle "
+                         "attention exactly when some level has attention")
+    lpb, head = cfg["layers_per_block"], cfg["attention_head_dim"]
+    if not isinstance(lpb, int):
+        raise InputError(f"{where}: layers_per_block is {lpb!r}; our UNet has one count for every level")
+    if not isinstance(head, int):
+        raise InputError(f"{where}: attention_head_dim is {head!r}; our UNet has one head width")
+    for lvl, c in enumerate(boc):
+        if attention[lvl] and (c < head or c % head):
+            raise InputError(f"{where}: attention_head_dim {head} does not divide block_out_channels[{lvl}] = {c}")
+    groups = int(cfg.get("norm_num_groups", 32))
+    if mc < 4 * groups:
+        raise InputError(f"{where}: norm_num_groups {groups} with block_out_channels[0] = {mc}: our GroupNorm "
+                         "keeps at least 4 channels per group (use >= 4 x norm_num_groups channels)")
+    shift = cfg.get("resnet_time_scale_shift", "default")
+    if shift not in _SCALE_SHIFT:
+        raise InputError(f"{where}: resnet_time_scale_shift is {shift!r}; our UNet has {sorted(_SCALE_SHIFT)}")
+    ted = cfg.get("time_embedding_dim")
+    if ted is not None and int(ted) != 4 * mc:
+        raise InputError(f"{where}: time_embedding_dim is {ted}; ours is 4 x block_out_channels[0] = {4 * mc}")
+    out = int(cfg["out_channels"])
+    if out not in (3, 6):
+        raise InputError(f"{where}: out_channels is {out}; our UNet has 3 (eps) or 6 (eps + learned variance)")
+    size = int(cfg["sample_size"])
+    if size % 2 ** (len(boc) - 1):
+        raise InputError(f"{where}: sample_size {size} does not halve {len(boc) - 1} times")
+
+    tp_defaults = {"clip_extra_context_tokens": 4, "clip_embeddings_dim": 768, "time_embed_dim": None,
+                   "cross_attention_dim": None}
+    tget = lambda k: tp_defaults[k] if text_cfg.get(k) is None else text_cfg[k]  # noqa: E731
+    for key in ("time_embed_dim", "cross_attention_dim"):
+        if tget(key) is None:
+            raise InputError(f"{text_where}: {key} is missing")
+    if int(tget("time_embed_dim")) != 4 * mc:
+        raise InputError(f"{text_where}: time_embed_dim is {tget('time_embed_dim')}; the decoder's time embedding "
+                         f"is 4 x block_out_channels[0] = {4 * mc}")
+    if int(tget("cross_attention_dim")) != int(cfg["cross_attention_dim"]):
+        raise InputError(f"{text_where}: cross_attention_dim is {tget('cross_attention_dim')}; the decoder's is "
+                         f"{cfg['cross_attention_dim']}")
+    return DecoderDims(channels=mc, channel_mult=tuple(c // mc for c in boc), num_res_blocks=lpb,
+                       attention=tuple(attention), image_size=size, head_channels=head, groups=groups,
+                       scale_shift=_SCALE_SHIFT[shift], out_channels=out,
+                       context_width=int(cfg["cross_attention_dim"]),
+                       image_tokens=int(tget("clip_extra_context_tokens")), clip_dim=int(tget("clip_embeddings_dim")))
+
+
+def karlo_decoder_config(cfg: dict, text_cfg: dict, where: str = "decoder/config.json",
+                         text_where: str = "text_proj/config.json"):
+    """configs/decoder.py:karlo with the sizes of a diffusers decoder config and its text_proj config (dicts)."""
+    from configs import decoder as decoder_configs
+
+    d = decoder_dims(cfg, text_cfg, where, text_where)
+    c = decoder_configs.get_config("karlo")
+    m = c.model
+    m.channels, m.channel_mult, m.num_res_blocks = d.channels, d.channel_mult, d.num_res_blocks
+    m.attention_resolutions, m.head_channels, m.groups = d.attention_resolutions, d.head_channels, d.groups
+    m.scale_shift, m.resblock_updown = d.scale_shift, True
+    m.context_width, m.image_tokens = d.context_width, d.image_tokens
+    m.clip_embed_dim, m.clip_text_width = d.clip_dim, d.clip_dim
+    c.data.resolution = d.image_size
+    c.diffusion.learned_variance = d.out_channels == 6
+    return c
+
+
+def _conv(src: str, c_in: int, c_out: int, dst: Path, kernel: int = 3) -> list[Step]:
+    """torch Conv2d weight [out, in, kh, kw] -> flax kernel [kh, kw, in, out] (both cross-correlate)."""
+    return [_copy(f"{src}.weight", (c_out, c_in, kernel, kernel), dst + ("conv", "kernel"),
+                  lambda a: a.transpose(2, 3, 1, 0)),
+            _copy(f"{src}.bias", (c_out,), dst + ("conv", "bias"))]
+
+
+def _gn(src: str, c: int, dst: Path) -> list[Step]:
+    return [_copy(f"{src}.weight", (c,), dst + ("norm", "scale")), _copy(f"{src}.bias", (c,), dst + ("norm", "bias"))]
+
+
+def _resnet(src: str, c_in: int, c_out: int, d: DecoderDims, dst: Path) -> list[Step]:
+    """A diffusers ResnetBlock2D (also the resnet down/up samplers) -> our ResBlock."""
+    steps = _gn(f"{src}.norm1", c_in, dst + ("in_norm",)) + _conv(f"{src}.conv1", c_in, c_out, dst + ("in_conv",))
+    steps += _linear(f"{src}.time_emb_proj", d.time_dim, 2 * c_out if d.scale_shift else c_out, dst + ("emb_proj",))
+    steps += _gn(f"{src}.norm2", c_out, dst + ("out_norm",)) + _conv(f"{src}.conv2", c_out, c_out, dst + ("out_conv",))
+    if c_in != c_out:
+        steps += _conv(f"{src}.conv_shortcut", c_in, c_out, dst + ("skip",), kernel=1)
+    return steps
+
+
+def _attention(src: str, c: int, d: DecoderDims, dst: Path) -> list[Step]:
+    """A diffusers Attention with AttnAddedKVProcessor (context keys/values before the spatial ones) -> our
+    AttentionBlock."""
+    steps = _gn(f"{src}.group_norm", c, dst + ("norm",))
+    for theirs, ours, c_in in (("to_q", "query", c), ("to_k", "key", c), ("to_v", "value", c),
+                               ("add_k_proj", "context_key", d.context_width),
+                               ("add_v_proj", "context_value", d.context_width), ("to_out.0", "out", c)):
+        steps += _linear(f"{src}.{theirs}", c_in, c, dst + (ours,))
+    return steps
+
+
+def decoder_plan(d: DecoderDims) -> list[Step]:
+    """Every tensor of a diffusers UNet2DConditionModel with karlo's block types and sizes `d`, and where it
+    goes in our UNet's params (diffusers' up_blocks.b is our level L-1-b)."""
+    p, mc, levels = (PARAMS,), d.channels, len(d.channel_mult)
+    steps = _linear("time_embedding.linear_1", mc, d.time_dim, p + ("time_fc1",))
+    steps += _linear("time_embedding.linear_2", d.time_dim, d.time_dim, p + ("time_fc2",))
+    steps += _conv("conv_in", 3, mc, p + ("in_conv",))
+    h, skips = mc, [mc]
+    for lvl, c in enumerate(d.level_channels):
+        for i in range(d.num_res_blocks):
+            steps += _resnet(f"down_blocks.{lvl}.resnets.{i}", h, c, d, p + (f"down_{lvl}_res_{i}",))
+            if d.attention[lvl]:
+                steps += _attention(f"down_blocks.{lvl}.attentions.{i}", c, d, p + (f"down_{lvl}_attn_{i}",))
+            h = c
+            skips.append(h)
+        if lvl != levels - 1:
+            steps += _resnet(f"down_blocks.{lvl}.downsamplers.0", h, h, d, p + (f"down_{lvl}_resample",))
+            skips.append(h)
+    steps += _resnet("mid_block.resnets.0", h, h, d, p + ("mid_res_0",))
+    steps += _attention("mid_block.attentions.0", h, d, p + ("mid_attn",))
+    steps += _resnet("mid_block.resnets.1", h, h, d, p + ("mid_res_1",))
+    for b, lvl in enumerate(reversed(range(levels))):
+        c = d.level_channels[lvl]
+        for i in range(d.num_res_blocks + 1):
+            steps += _resnet(f"up_blocks.{b}.resnets.{i}", h + skips.pop(), c, d, p + (f"up_{lvl}_res_{i}",))
+            if d.attention[lvl]:
+                steps += _attention(f"up_blocks.{b}.attentions.{i}", c, d, p + (f"up_{lvl}_attn_{i}",))
+            h = c
+        if lvl:
+            steps += _resnet(f"up_blocks.{b}.upsamplers.0", h, h, d, p + (f"up_{lvl}_resample",))
+    steps += _gn("conv_norm_out", mc, p + ("out_norm",))
+    steps += _conv("conv_out", mc, d.out_channels, p + ("out_conv",))
+    return steps
+
+
+def _interleaved_tokens_to_ours(a, tokens: int):
+    """clip_extra_context_tokens_proj's rows (or bias) [T * D, ...] -> ours: diffusers reshapes the output to
+    [B, D, T] and transposes, so token j is output row c * T + j; our tokens are contiguous (row j * D + c)."""
+    d = a.shape[0] // tokens
+    return a.reshape((d, tokens) + a.shape[1:]).swapaxes(0, 1).reshape(a.shape)
+
+
+def text_proj_plan(d: DecoderDims) -> list[Step]:
+    """Every tensor of a diffusers UnCLIPTextProjModel sized for `d`, and where it goes in our UNet's params."""
+    p, e, w, t = (PARAMS,), d.clip_dim, d.context_width, d.image_tokens
+    steps = [_copy("learned_classifier_free_guidance_embeddings", (e,), p + ("null_image_embedding",))]
+    steps += _linear("clip_image_embeddings_project_to_time_embeddings", e, d.time_dim, p + ("image_to_time",))
+    steps += _linear("embedding_proj", e, d.time_dim, p + ("text_to_time",))
+    steps += [_copy("clip_extra_context_tokens_proj.weight", (t * w, e), p + ("image_to_tokens", "dense", "kernel"),
+                    lambda a: _interleaved_tokens_to_ours(a, t).T),
+              _copy("clip_extra_context_tokens_proj.bias", (t * w,), p + ("image_to_tokens", "dense", "bias"),
+                    lambda a: _interleaved_tokens_to_ours(a, t))]
+    steps += _linear("encoder_hidden_states_proj", e, w, p + ("text_states_proj",))
+    steps += _ln("text_encoder_hidden_states_norm", w, p + ("text_states_norm",))
+    return steps
+
+
+def abstract_decoder_variables(config) -> Any:
+    """The shapes ({'params': ...} of jax.ShapeDtypeStruct) a configs/decoder.py config's UNet initialises to,
+    built through the decoder stage from config.model's sizes (no CLIP workdir); nothing computed."""
+    import flax.linen as nn
+    import jax
+
+    from dalle2_jax.stages import get_stage_class
+
+    stage = get_stage_class("decoder")(config, workdir="")
+    return nn.unbox(jax.eval_shape(stage.abstract_init, jax.random.key(0)))
+
+
+@dataclasses.dataclass
+class ImportedDecoder:
+    """A karlo-style decoder read from diffusers decoder/ and text_proj/ folders: our config and variables."""
+
+    config: Any  # configs/decoder.py:karlo with the folders' sizes
+    variables: dict  # {'params': ...} float32 numpy arrays
+    num_tensors: int  # decoder + text_proj
+    num_params: int
+
+
+def _read_weights(folder: str, plan: list[Step]) -> dict[str, np.ndarray]:
+    weights = os.path.join(folder, WEIGHTS_NAME)
+    if not os.path.isfile(weights):
+        raise InputError(f"{folder}: no {WEIGHTS_NAME}")
+    wf = WeightFile(weights)
+    expected = expected_tensors(plan)
+    check_tensors({k: wf.shape(k) for k in wf.keys}, expected, weights)
+    return {k: wf.get(k) for k in expected}
+
+
+def load_decoder(decoder_folder: str, text_proj_folder: str) -> ImportedDecoder:
+    """Reads diffusers `decoder/` (UNet2DConditionModel) and `text_proj/` (UnCLIPTextProjModel) folders (each
+    config.json + diffusion_pytorch_model.safetensors, float32 or float16) into our UNet's variables. Raises
+    InputError for a config option our UNet cannot express (named), or a missing, unexpected or mis-shaped
+    tensor (named)."""
+    import jax
+
+    cfg = read_component_config(decoder_folder, DECODER_CLASS)
+    text_cfg = read_component_config(text_proj_folder, TEXT_PROJ_CLASS)
+    where, text_where = (os.path.join(f, "config.json") for f in (decoder_folder, text_proj_folder))
+    config = karlo_decoder_config(cfg, text_cfg, where, text_where)
+    d = decoder_dims(cfg, text_cfg, where, text_where)
+    params: dict = {}
+    num_tensors = 0
+    for folder, plan in ((decoder_folder, decoder_plan(d)), (text_proj_folder, text_proj_plan(d))):
+        tensors = _read_weights(folder, plan)
+        num_tensors += len(tensors)
+        params.update(apply_plan(plan, tensors, 0, False)[0]["params"])
+    variables = jax.tree.map(lambda a: np.ascontiguousarray(a, np.float32), {"params": params})
+    num_params = int(sum(a.size for a in jax.tree.leaves(variables)))
+    return ImportedDecoder(config=config, variables=variables, num_tensors=num_tensors, num_params=num_params)
