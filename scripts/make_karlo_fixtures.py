@@ -17,19 +17,25 @@ It writes
   with 2 groups so every group has >= 4 channels, as our GroupNorm needs) and an `UnCLIPTextProjModel`
   sized to it (TINY_TEXT_PROJ), perturbed the same way; the decoder's weights are stored as float16 (to
   keep the fixture small; the reference runs the float32 model holding exactly those values);
+- tests/fixtures/karlo_tiny/super_res_first/ and super_res_last/: two diffusers `UNet2DModel`s with karlo's
+  super-resolution settings at tiny sizes (TINY_SUPER_RES: 3 levels of 8/8/16 channels, no attention,
+  additive time embedding, 6 inputs, 3 outputs; the last without a sample_size, as on the hub), perturbed
+  differently, float16 weights;
 - tests/fixtures/karlo_tiny/reference.npz: fixed inputs (timesteps, noisy embeddings, text embeddings,
   text token states, a text padding mask with a different length per row) and diffusers' outputs on them:
   `prior/predicted` (the raw x0 prediction, in the standardised space) and `prior/unnormalised`
   (`post_process_latents` of it: predicted * clip_std + clip_mean, as the pipeline returns embeddings);
   `text_proj/*` (the context tokens and the additive time embedding, one row with the learned null image
   embedding) and `decoder/output` (the UNet's [B, 6, H, W] on them, the pipeline's call with the text mask
-  left-padded by 4 x True);
+  left-padded by 4 x True); `super_res/*` (x_t, a clamped 4 px low-res image, and the pipeline's bicubic
+  upsampling of it) and `super_res_{first,last}/output` (each UNet on cat([x_t, upscaled])).
 - tests/fixtures/karlo_tiny/index.json: versions, the inputs' description, the weights' sha256;
 - tests/fixtures/karlo_keys.json: the FULL-SIZE karlo components' tensor names and shapes and their
   configs, from meta-device instantiation (no weights). Its "components" map holds one entry per
-  pipeline component ("prior", "decoder", "text_proj"; the super-res part adds its own), each with
+  pipeline component ("prior", "decoder", "text_proj", "super_res_first", "super_res_last"), each with
   the class, its config, the tensor count, the parameter count and the {name: shape} list in state-dict
-  order. `--only prior` (or `--only decoder text_proj`, made together) regenerates those components and
+  order. `--only prior` (or `--only decoder text_proj`, or `--only super_res_first super_res_last`, each
+  pair made together) regenerates those components and
   keeps the others.
 """
 
@@ -68,6 +74,22 @@ TINY_DECODER = dict(DECODER_CONFIG, sample_size=16, layers_per_block=2,
                     block_out_channels=(8, 16, 24), cross_attention_dim=20, attention_head_dim=8, norm_num_groups=2)
 # text_proj sized to the tiny decoder: time embedding 4 x 8, a 12-d CLIP (text embedding and token states)
 TINY_TEXT_PROJ = dict(clip_extra_context_tokens=4, clip_embeddings_dim=12, time_embed_dim=32, cross_attention_dim=20)
+# karlo's super-resolution UNets (the conversion script's SUPER_RES_UNET_{FIRST_STEPS,LAST_STEP}_CONFIG; the
+# rest are UNet2DModel's defaults: GroupNorm 32 / 1e-5, [cos, sin] timestep features with shift 0, SiLU,
+# resnet_time_scale_shift "default" = the time embedding added before the second norm). The hub's
+# super_res_last/config.json has no sample_size (the pipeline sizes both from super_res_first's).
+SUPER_RES_CONFIG = dict(sample_size=256, layers_per_block=3, down_block_types=("ResnetDownsampleBlock2D",) * 4,
+                        up_block_types=("ResnetUpsampleBlock2D",) * 4, block_out_channels=(320, 640, 960, 1280),
+                        in_channels=6, out_channels=3, add_attention=False)
+SUPER_RES_LAST_CONFIG = dict(SUPER_RES_CONFIG, sample_size=None)
+# the same block types at tiny sizes: 3 levels of 8/8/16 channels (small: two of them are stored), 2 resnets
+# per level, GroupNorm with 2
+# groups (>= 4 channels per group), 16 px output from a 4 px low-res image (karlo's factor 4)
+TINY_SUPER_RES = dict(SUPER_RES_CONFIG, sample_size=16, layers_per_block=2,
+                      down_block_types=("ResnetDownsampleBlock2D",) * 3, up_block_types=("ResnetUpsampleBlock2D",) * 3,
+                      block_out_channels=(8, 8, 16), norm_num_groups=2)
+TINY_SUPER_RES_LAST = dict(TINY_SUPER_RES, sample_size=None)
+SUPER_RES_LOW = 4  # the tiny low-res side
 DECODER_TEXT_LENGTHS = [10, 4, 1, 7]  # valid caption tokens per row, of 10
 DECODER_NULL_ROWS = [False, True, False, False]  # rows given the learned null image embedding
 TIMESTEPS = [0, 1, 437, 999]
@@ -166,6 +188,40 @@ def make_tiny_decoder(out_dir: str, seed: int = 10) -> dict:
             "decoder/output": out.numpy()}
 
 
+def make_tiny_super_res(out_dir: str, seed: int = 20) -> dict:
+    """Saves the tiny super_res_first and super_res_last (two UNet2DModels, the same block types, perturbed
+    differently) under out_dir/ and returns {name: array} of their inputs and outputs: the pipeline's
+    super-res input, cat([x_t, bicubic-upsampled low-res image]), built as UnCLIPPipeline builds it."""
+    import torch
+    import torch.nn.functional as F
+    from diffusers import UNet2DModel
+
+    rng = np.random.default_rng(seed)
+    b, side = len(TIMESTEPS), TINY_SUPER_RES["sample_size"]
+    x_t = rng.standard_normal((b, 3, side, side), dtype=np.float32)
+    # the decoder's output as the pipeline passes it on: clamped to [-1, 1] (some pixels saturated)
+    low = np.clip(1.5 * rng.standard_normal((b, 3, SUPER_RES_LOW, SUPER_RES_LOW)), -1, 1).astype(np.float32)
+    t = np.asarray(TIMESTEPS, np.int64)
+    with torch.no_grad():  # UnCLIPPipeline.__call__'s upsampling (off MPS), then its model input
+        upscaled = F.interpolate(torch.from_numpy(low), size=[side, side], mode="bicubic", align_corners=False,
+                                 antialias=True)
+        model_input = torch.cat([torch.from_numpy(x_t), upscaled], dim=1)
+    arrays = {"super_res/timesteps": t.astype(np.int32), "super_res/x_t": x_t, "super_res/low_res": low,
+              "super_res/upscaled": upscaled.numpy()}
+    for k, (name, config) in enumerate((("super_res_first", TINY_SUPER_RES), ("super_res_last", TINY_SUPER_RES_LAST))):
+        torch.manual_seed(seed + 10 * (k + 1))
+        unet = UNet2DModel(**config).eval()
+        _perturb_weights(unet, seed + 10 * (k + 1) + 1)
+        with torch.no_grad():  # stored as float16: compute with exactly the stored values
+            for p in unet.parameters():
+                p.copy_(p.half().float())
+        unet.half().save_pretrained(os.path.join(out_dir, name), safe_serialization=True)
+        unet.float()
+        with torch.no_grad():
+            arrays[f"{name}/output"] = unet(model_input, timestep=torch.from_numpy(t)).sample.numpy()
+    return arrays
+
+
 def make_tiny_prior(out_dir: str, seed: int = 0) -> dict:
     """Saves the tiny prior under out_dir/prior and returns {name: array} of its inputs and outputs."""
     import torch
@@ -201,7 +257,7 @@ def full_size_components() -> dict:
     """The full-size karlo components on the meta device: {component: {class, config, num_tensors,
     num_params, tensors: {name: shape}}}."""
     import torch
-    from diffusers import PriorTransformer, UNet2DConditionModel
+    from diffusers import PriorTransformer, UNet2DConditionModel, UNet2DModel
     from diffusers.pipelines.deprecated.unclip.text_proj import UnCLIPTextProjModel
 
     with torch.device("meta"):
@@ -209,7 +265,9 @@ def full_size_components() -> dict:
                   "decoder": UNet2DConditionModel(**DECODER_CONFIG),
                   # as the conversion script builds it: time embedding 4 x 320, the decoder's context width
                   "text_proj": UnCLIPTextProjModel(time_embed_dim=4 * DECODER_CONFIG["block_out_channels"][0],
-                                                   cross_attention_dim=DECODER_CONFIG["cross_attention_dim"])}
+                                                   cross_attention_dim=DECODER_CONFIG["cross_attention_dim"]),
+                  "super_res_first": UNet2DModel(**SUPER_RES_CONFIG),
+                  "super_res_last": UNet2DModel(**SUPER_RES_LAST_CONFIG)}
     out = {}
     for name, model in models.items():
         sd = model.state_dict()
@@ -235,7 +293,7 @@ def main() -> None:
 
     versions = {"torch": torch.__version__, "diffusers": diffusers.__version__,
                 "safetensors": safetensors.__version__, "numpy": np.__version__}
-    only = set(args.only or ["prior", "decoder", "text_proj"])
+    only = set(args.only or ["prior", "decoder", "text_proj", "super_res_first", "super_res_last"])
 
     keys = {"format": 1, "components": {}}
     if os.path.exists(KEYS_PATH):
@@ -299,6 +357,20 @@ def main() -> None:
             "max_abs": {"output": float(np.abs(arrays["decoder/output"]).max())}}
         print(f"tiny decoder: output max |x| {index['components']['decoder']['max_abs']}, text_proj "
               f"{index['components']['text_proj']['max_abs']}")
+    if only & {"super_res_first", "super_res_last"}:  # made together: the same inputs
+        arrays = {k: v for k, v in arrays.items() if not k.startswith("super_res")}
+        arrays.update(make_tiny_super_res(TINY_DIR))
+        for name, config in (("super_res_first", TINY_SUPER_RES), ("super_res_last", TINY_SUPER_RES_LAST)):
+            index["components"][name] = {
+                "class": "UNet2DModel", "config": config, "weights_dtype": "float16",
+                "weights_sha256": _sha256(os.path.join(TINY_DIR, name, "diffusion_pytorch_model.safetensors")),
+                "timesteps": TIMESTEPS, "low_res_side": SUPER_RES_LOW,
+                "outputs": {"output": f"{name}(cat([x_t, upscaled], dim=1), timestep=t).sample: [B, 3, H, W] float32 "
+                                      "(the model in float32 holding the stored float16 values), where upscaled = "
+                                      "F.interpolate(low_res, size=[H, W], mode='bicubic', align_corners=False, "
+                                      "antialias=True) as UnCLIPPipeline makes it (super_res/upscaled)"},
+                "max_abs": {"output": float(np.abs(arrays[f"{name}/output"]).max())}}
+            print(f"tiny {name}: output max |x| {index['components'][name]['max_abs']}")
     index["versions"] = versions
     np.savez_compressed(npz_path, **arrays)
     with open(index_path, "w") as f:
