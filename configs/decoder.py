@@ -1,7 +1,8 @@
 """Decoder configs (64x64 GLIDE-style UNet conditioned on the CLIP image embedding): `tiny` (2 CPU cores),
 `base`, `paper` (DALL-E 2 appendix C: 3.5B with its caption transformer), and `clip512` / `clip768` /
 `clip1024` for released CLIPs imported with tools.import_clip (the 64 px decoder on your data; the CLIP's
-224 px input is made from each source image with CLIP's preprocessing).
+224 px input is made from each source image with CLIP's preprocessing), and `karlo`: Kakao Brain's
+karlo-v1-alpha decoder as diffusers ships it (imported with tools.import_karlo).
 
 Use: `python -m dalle2_jax.train --config configs/decoder.py:tiny --workdir DIR --config.clip_workdir=CLIP_DIR`.
 """
@@ -42,7 +43,7 @@ RELEASED_CLIP_DECODERS = {
 
 
 def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
-    """The decoder config variant `arg` (tiny | shapes | base | paper | clip512 | clip768 | clip1024)."""
+    """The decoder config variant `arg` (tiny | shapes | base | paper | clip512 | clip768 | clip1024 | karlo)."""
     c = base_config()
     c.stage = "decoder"
     c.clip_workdir = ""  # required: a CLIP workdir (trained or imported)
@@ -63,11 +64,17 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     m.caption_heads = 2
     m.caption_context_length = 0
     m.caption_scan_layers = False  # scan over the caption blocks: one compiled block (faster compiles)
+    # karlo's text conditioning (no caption transformer): the CLIP text embedding added to the timestep
+    # embedding, and the CLIP's text token states (projected to model.context_width and layer-normed)
+    # appended to the context after the image tokens, masked at the caption's padding.
+    m.clip_text_conditioning = False
+    m.context_width = 0  # the context tokens' width; 0 = caption_width (or 4 x channels without a caption)
     # The CLIP's sizes, used only to count params without a CLIP workdir (tools.params); training reads
     # them from config.clip_workdir. These match configs/clip.py:tiny.
     m.clip_embed_dim = 128
     m.clip_vocab_size = 512
     m.clip_context_length = 20
+    m.clip_text_width = 128
 
     c.diffusion = ml_collections.ConfigDict()
     c.diffusion.schedule = "cosine"
@@ -198,7 +205,34 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         c.checkpoint_every = 2000
         c.data.name = ""  # your prepared image-text TFDS data set (tools.build_folder)
         c.data.image_key = "image"
+    elif arg == "karlo":
+        # karlo-v1-alpha's decoder (diffusers' UNet2DConditionModel + UnCLIPTextProjModel; tools.import_karlo
+        # reads every size from the checkpoint's config.json): 320 channels, mults 1,2,3,4, 3 res blocks,
+        # attention at 32/16/8 (none at 64) with 64-channel heads, scale-shift norm, residual up/down, GroupNorm
+        # 32 / 1e-5, time embedding 4 x 320 = 1280, learned-range variance (6 outputs); conditioned on ViT-L/14's
+        # raw (not unit-normalised) 768-d image embedding (time embedding + 4 context tokens, a learned null
+        # for guidance), its 768-d text embedding (time embedding) and its 77 text token states (context, after
+        # the image tokens, masked at padding), all context tokens 1536 wide; no caption transformer.
+        m.channels, m.num_res_blocks, m.channel_mult = 320, 3, (1, 2, 3, 4)
+        m.attention_resolutions, m.head_channels = (32, 16, 8), 64
+        m.groups, m.scale_shift, m.resblock_updown = 32, True, True
+        m.image_tokens, m.normalize_embedding = 4, False
+        m.caption_depth, m.caption_drop_prob = 0, 0.0
+        m.clip_text_conditioning, m.context_width = True, 1536
+        m.clip_embed_dim, m.clip_vocab_size, m.clip_context_length, m.clip_text_width = 768, 49408, 77, 768
+        m.dtype = "bfloat16"
+        m.remat = "full"
+        c.diffusion.schedule = "cosine"
+        c.diffusion.num_steps = 1000
+        c.diffusion.model_output = "eps"
+        c.diffusion.learned_variance = True
+        c.sampling.sampler = "ddpm"
+        c.sampling.steps = 25  # diffusers' UnCLIPPipeline default
+        c.sampling.guidance_scale = 8.0  # karlo's default (on the image embedding; the text half is the empty caption)
+        c.batch_size = 1024
+        c.data.name = ""
+        c.data.image_key = "image"
     else:
-        raise ValueError(f"unknown decoder config {arg!r}; use tiny, shapes, base, paper or one of "
+        raise ValueError(f"unknown decoder config {arg!r}; use tiny, shapes, base, paper, karlo or one of "
                          f"{sorted(RELEASED_CLIP_DECODERS)}")
     return c

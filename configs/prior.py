@@ -1,6 +1,7 @@
 """Diffusion prior configs: `tiny` (2 CPU cores), `base`, `paper` (width 2048, 24 blocks, ~1.2B params), and
 `clip512` / `clip768` / `clip1024` for released CLIPs imported with tools.import_clip (ViT-B-*, ViT-L-14,
-ViT-H-14: embeddings 512, 768, 1024 wide; images at the CLIP's 224 px; your data set).
+ViT-H-14: embeddings 512, 768, 1024 wide; images at the CLIP's 224 px; your data set), and `karlo`: Kakao
+Brain's karlo-v1-alpha prior as diffusers ships it (imported with tools.import_karlo).
 
 Use: `python -m dalle2_jax.train --config configs/prior.py:tiny --workdir DIR --config.clip_workdir=CLIP_DIR`.
 """
@@ -21,7 +22,7 @@ RELEASED_CLIP_PRIORS = {
 
 
 def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
-    """The prior config variant `arg` (tiny | base | paper | clip512 | clip768 | clip1024)."""
+    """The prior config variant `arg` (tiny | base | paper | clip512 | clip768 | clip1024 | karlo)."""
     c = base_config()
     c.stage = "prior"
     c.clip_workdir = ""  # required: a CLIP workdir (trained or imported)
@@ -35,6 +36,8 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     m.ln_eps = 1e-5
     m.remat = "none"
     m.scan_layers = False
+    m.text_token_norm = True  # LayerNorm on the caption token encodings before their projection (karlo: none)
+    m.null_text_embedding = True  # a learned null text embedding for dropped conditioning (karlo: none)
     # How CLIP embeddings are scaled for diffusion: "scale" multiplies the unit-norm embeddings by
     # embedding_scale (the paper's 17.2 for 1024-d CLIP; sqrt(embed_dim) keeps per-dimension variance
     # near 1); "standardize" uses per-dimension mean/std measured on the training data (stats/).
@@ -112,10 +115,10 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         c.data.name = ""  # set to your prepared image-text TFDS data set
         c.data.image_key = "image"
         c.data.resolution = 256
-    elif arg in RELEASED_CLIP_PRIORS:
+    elif arg in RELEASED_CLIP_PRIORS or arg == "karlo":
         # On an imported CLIP: the transformer sized for the embedding (clip768 is karlo's ViT-L/14 prior,
         # clip1024 the paper's), standardised embeddings (karlo's clip_mean / clip_std), text context 77.
-        embed, text_width, (m.width, m.depth, m.heads) = RELEASED_CLIP_PRIORS[arg]
+        embed, text_width, (m.width, m.depth, m.heads) = RELEASED_CLIP_PRIORS["clip768" if arg == "karlo" else arg]
         m.clip_embed_dim, m.clip_text_width, m.clip_context_length = embed, text_width, 77
         m.embedding_norm = "standardize"
         m.dtype = "bfloat16"
@@ -134,7 +137,24 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         c.data.name = ""  # your prepared image-text TFDS data set (tools.build_folder)
         c.data.image_key = "image"
         c.data.resolution = 224  # the CLIP's input size (336 for ViT-L-14-336)
+        if arg == "karlo":
+            # karlo-v1-alpha's prior (diffusers PriorTransformer defaults; tools.import_karlo reads every size
+            # from the checkpoint's config.json): width 2048 = 32 heads x 64, 20 pre-LN blocks with exact GELU,
+            # ViT-L/14's 768-d embeddings and 77 text tokens (81 positions), the caption token encodings
+            # projected without a LayerNorm, no learned null embedding (its unconditional input is the empty
+            # caption), x0 prediction on the cosine schedule with the fixed small (posterior, log-clipped)
+            # variance, embeddings standardised with karlo's clip_mean / clip_std (stats/, from the import).
+            m.text_token_norm = False
+            m.null_text_embedding = False
+            m.cond_drop_prob = 0.0
+            c.diffusion.schedule = "cosine"
+            c.diffusion.num_steps = 1000
+            c.diffusion.model_output = "x0"
+            c.diffusion.learned_variance = False
+            c.sampling.sampler = "ddpm"  # the fixed small variance; diffusers' UnCLIPScheduler, 25 steps
+            c.sampling.steps = 25
+            c.sampling.num_candidates = 1
     else:
-        raise ValueError(f"unknown prior config {arg!r}; use tiny, base, paper or one of "
+        raise ValueError(f"unknown prior config {arg!r}; use tiny, base, paper, karlo or one of "
                          f"{sorted(RELEASED_CLIP_PRIORS)}")
     return c

@@ -1,4 +1,6 @@
-"""Upsampler configs: `tiny_64to256`, `paper_64to256` (700M), `tiny_256to1024`, `paper_256to1024` (300M).
+"""Upsampler configs: `tiny_64to256`, `paper_64to256` (700M), `tiny_256to1024`, `paper_256to1024` (300M),
+`karlo_64to256` (Kakao Brain's karlo-v1-alpha super-resolution UNets as diffusers ships them, imported with
+tools.import_karlo: one config for both `super_res_first` and `super_res_last`, two sets of weights).
 
 Convolution-only UNets (no attention, no caption) that take the corrupted low-res image upsampled and
 concatenated to the noisy input; trained on random crops a quarter of the target side and sampled at
@@ -12,7 +14,7 @@ import ml_collections
 from configs.decoder import unet_model_config
 from dalle2_jax.training.config import base_config
 
-VARIANTS = ("tiny_64to256", "paper_64to256", "tiny_256to1024", "paper_256to1024")
+VARIANTS = ("tiny_64to256", "paper_64to256", "tiny_256to1024", "paper_256to1024", "karlo_64to256")
 
 
 def get_config(arg: str = "tiny_64to256") -> ml_collections.ConfigDict:
@@ -130,4 +132,21 @@ def get_config(arg: str = "tiny_64to256") -> ml_collections.ConfigDict:
             m.channels, m.num_res_blocks, m.channel_mult = 192, 2, (1, 1, 2, 2, 4, 4)
             c.batch_size = 512
             c.optimizer.learning_rate = 1e-4
+    if size == "karlo":
+        # karlo-v1-alpha's super-res (diffusers' UNet2DModel x 2; tools.import_karlo reads every size from the
+        # checkpoint's config.json): the paper 64->256 UNet's architecture (320 channels, mults 1,2,3,4, 3 res
+        # blocks, no attention anywhere, additive time embedding, residual up/down, GroupNorm 32 / 1e-5, 6
+        # inputs = noisy image + bicubic-upsampled 64 px image, 3 outputs = eps), 691,579,523 params. Two
+        # weight sets share this config: super_res_first for every step but the last, super_res_last
+        # (GAN-finetuned) for the last one. UnCLIPPipeline: cosine (squaredcos_cap_v2) 1000 steps, eps, fixed
+        # small variance, x0 clipped to [-1, 1], 7 steps by default, no guidance.
+        m.dropout = 0.0  # imported for sampling, not trained here
+        m.low_res_upsample = "bicubic"  # diffusers: F.interpolate bicubic, antialias (4.8e-7 from jax's bicubic)
+        m.predict_residual = False
+        c.diffusion.schedule = "cosine"
+        c.diffusion.model_output = "eps"
+        c.diffusion.learned_variance = False
+        c.sampling.sampler = "ddpm"
+        c.sampling.steps = 7  # diffusers' UnCLIPPipeline default
+        c.sampling.clip_x0 = True
     return c

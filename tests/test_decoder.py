@@ -165,6 +165,12 @@ def test_decoder_config_errors(shapes_data_dir, trained_clip, tmp_path):
     with pytest.raises(ConfigError, match="config.diffusion.schedule_shift"):
         validate_config(small_decoder_config(shapes_data_dir, trained_clip, **{"diffusion.schedule_shift": 0.0}),
                         num_devices=1)
+    with pytest.raises(ConfigError, match="config.model.context_width: 48: must be 0"):
+        validate_config(small_decoder_config(shapes_data_dir, trained_clip, **{"model.context_width": 48}),
+                        num_devices=1)
+    with pytest.raises(ConfigError, match="config.model.clip_text_conditioning: training and sampling"):
+        validate_config(small_decoder_config(shapes_data_dir, trained_clip, **{
+            "model.clip_text_conditioning": True, "model.caption_depth": 0}), num_devices=1)
 
 
 @pytest.mark.slow

@@ -4,6 +4,11 @@ The sequence is [caption token encodings (projected), text embedding, timestep e
 embedding, learned final query]; the output at the final query is the prediction (the clean image
 embedding by default, as in the paper). Dropped conditioning (for classifier-free guidance) masks the
 caption tokens and replaces the text embedding with a learned null embedding.
+
+Two switches express Kakao Brain's karlo prior (diffusers' `PriorTransformer`, imported by
+tools/import_karlo.py): `text_token_norm=False` projects the caption token encodings without a LayerNorm
+first, and `null_text_embedding=False` has no learned null embedding: `drop` is then ignored, and the caller
+feeds the unconditional inputs (karlo's are the empty caption's encodings) itself.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
-from dalle2_jax.models.layers import Dense, LayerNorm, TimestepMlp
+from dalle2_jax.models.layers import Dense, LayerNorm, TimestepMlp, dtype_from_name
 from dalle2_jax.models.transformer import Transformer
 
 
@@ -32,6 +37,8 @@ class DiffusionPrior(nn.Module):
     ln_eps: float = 1e-5
     remat: str = "none"
     scan_layers: bool = False
+    text_token_norm: bool = True
+    null_text_embedding: bool = True
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -39,12 +46,16 @@ class DiffusionPrior(nn.Module):
                  text_valid: jax.Array, drop: jax.Array) -> jax.Array:
         b, length = text_tokens.shape[:2]
         dense = lambda name: Dense(self.width, axes=(None, "embed"), dtype=self.dtype, name=name)  # noqa: E731
-        null_text = self.param("null_text_embedding",
-                               nn.with_logical_partitioning(nn.initializers.normal(0.02), (None,)),
-                               (self.embed_dim,), jnp.float32)
-        text_emb = jnp.where(drop[:, None], null_text[None], text_emb)
-        tokens = dense("text_token_proj")(LayerNorm(self.ln_eps, self.dtype, axis_name=None,
-                                                    name="text_token_norm")(text_tokens))
+        if self.null_text_embedding:
+            null_text = self.param("null_text_embedding",
+                                   nn.with_logical_partitioning(nn.initializers.normal(0.02), (None,)),
+                                   (self.embed_dim,), jnp.float32)
+            text_emb = jnp.where(drop[:, None], null_text[None], text_emb)
+        else:
+            drop = jnp.zeros_like(drop)
+        if self.text_token_norm:
+            text_tokens = LayerNorm(self.ln_eps, self.dtype, axis_name=None, name="text_token_norm")(text_tokens)
+        tokens = dense("text_token_proj")(text_tokens.astype(self.dtype))
         query = self.param("final_query", nn.with_logical_partitioning(nn.initializers.normal(0.02), ("embed",)),
                            (self.width,), jnp.float32)
         seq = jnp.concatenate([
@@ -66,3 +77,14 @@ class DiffusionPrior(nn.Module):
         h = LayerNorm(self.ln_eps, self.dtype, name="ln_final")(h[:, -1])
         out = Dense(self.embed_dim, axes=("embed", None), dtype=self.dtype, name="out")(h)
         return out.astype(jnp.float32)
+
+
+def build_prior(model_cfg: Any, embed_dim: int, context_length: int) -> DiffusionPrior:
+    """The prior for a `config.model` group (configs/prior.py), the CLIP's embedding width and text context."""
+    m = model_cfg
+    return DiffusionPrior(embed_dim=int(embed_dim), width=int(m.width), depth=int(m.depth), num_heads=int(m.heads),
+                          context_length=int(context_length), mlp_ratio=float(m.mlp_ratio), act=m.act,
+                          ln_eps=float(m.ln_eps), remat=m.remat, scan_layers=bool(m.scan_layers),
+                          text_token_norm=bool(m.get("text_token_norm", True)),
+                          null_text_embedding=bool(m.get("null_text_embedding", True)),
+                          dtype=dtype_from_name(m.dtype))

@@ -6,6 +6,8 @@ self-attention at configured resolutions whose keys/values also include projecte
 (GLIDE's `encoder_kv`, placed before the spatial keys); an optional GLIDE caption transformer whose last
 token is added to the timestep embedding and whose tokens join the attention context; optional unCLIP
 image-embedding conditioning (added to the timestep embedding and projected into extra context tokens);
+optional CLIP text conditioning as karlo's decoder has it (the CLIP text embedding added to the timestep
+embedding; the CLIP text token states projected and layer-normed into context tokens, masked at padding);
 optional low-res conditioning (upsampled and concatenated to the noisy input) and noise-level
 conditioning for the upsamplers. Learned-sigma output doubles the output channels.
 """
@@ -145,6 +147,9 @@ class AttentionBlock(nn.Module):
 
     x [B, H, W, C], context [B, S, Dc] or None -> [B, H, W, C]. The context is projected to keys and
     values per layer (GLIDE's encoder_kv) and placed before the spatial keys. Heads = C / head_channels.
+    context_mask [B, S] (True = attend) hides context tokens (caption padding); the spatial keys are always
+    attended, so no query is left without keys. (Masked keys are dropped outright: diffusers' -10000 bias
+    and karlo's -inf give the same softmax in float32.)
     """
 
     head_channels: int = 64
@@ -152,7 +157,8 @@ class AttentionBlock(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array, context: jax.Array | None = None,
+                 context_mask: jax.Array | None = None) -> jax.Array:
         b, hh, ww, c = x.shape
         heads = max(1, c // self.head_channels)
         hd = c // heads
@@ -163,8 +169,12 @@ class AttentionBlock(nn.Module):
             ctx = context.astype(self.dtype)
             k = jnp.concatenate([Dense(c, name="context_key", **proj)(ctx), k], axis=1)
             v = jnp.concatenate([Dense(c, name="context_value", **proj)(ctx), v], axis=1)
+        mask = None
+        if context is not None and context_mask is not None:
+            keep = jnp.concatenate([context_mask.astype(bool), jnp.ones((b, hh * ww), bool)], axis=1)
+            mask = keep[:, None, None, :]  # [B, 1 (heads), 1 (queries), S + H*W]
         split = lambda t: t.reshape(b, t.shape[1], heads, hd)  # noqa: E731
-        out = dot_product_attention(split(q), split(k), split(v))
+        out = dot_product_attention(split(q), split(k), split(v), mask=mask)
         out = Dense(c, axes=("heads", "embed"), dtype=self.dtype, kernel_init=_zeros_init(),
                     name="out")(out.reshape(b, hh * ww, c))
         return nn.with_logical_constraint(x + out.reshape(b, hh, ww, c), ACT_AXES)
@@ -210,6 +220,13 @@ class UNet(nn.Module):
         `image_tokens` context tokens; rows with drop_image=True use a learned null embedding instead.
       tokens [B, L] (caption_depth > 0): the caption transformer; rows with drop_text=True use an
         all-padding caption.
+      text_emb [B, Et] (text_embed_width > 0): a CLIP text embedding, projected into the timestep embedding
+        (karlo's decoder; with image_emb its projection is added too).
+      text_states [B, L, Wt] and text_mask [B, L] (text_states_width > 0): CLIP text token states, projected
+        to the context width and layer-normed (karlo's text_seq_proj), appended to the context after the
+        image tokens (and the caption); attention ignores the positions where text_mask is False. There is
+        no learned null here: an unconditional row gets the empty caption's encodings from the caller
+        (drop_text acts on the caption transformer only).
       low_res [B, h, w, 3] (low_res=True): upsampled to H x W (`low_res_upsample` mode) and concatenated to x;
         with residual_low_res also added to the output (the first out_channels), which then predicts x0 as
         upsampled low-res + correction.
@@ -240,6 +257,11 @@ class UNet(nn.Module):
     image_embed_dim: int = 0
     image_tokens: int = 4
     image_embed_scale: float = 1.0  # the embedding (or the null) is multiplied by it before its projections
+    # The context tokens' width (image tokens and CLIP text states; 0 = the caption width with a caption
+    # transformer, otherwise 4 x model_channels). karlo: 1536.
+    context_width: int = 0
+    text_embed_width: int = 0  # > 0: a CLIP text embedding this wide joins the timestep embedding (karlo: 768)
+    text_states_width: int = 0  # > 0: CLIP text token states this wide join the context (karlo: 768)
     caption_vocab_size: int = 0
     caption_context_length: int = 0
     caption_width: int = 0
@@ -265,19 +287,26 @@ class UNet(nn.Module):
 
     @property
     def context_dim(self) -> int:
+        if self.context_width:
+            if self.caption_depth and self.context_width != self.caption_width:
+                raise ValueError(f"context_width {self.context_width} differs from caption_width "
+                                 f"{self.caption_width}: the caption states join the context unprojected")
+            return self.context_width
         return self.caption_width if self.caption_depth else 4 * self.model_channels
 
     @nn.compact
     def __call__(self, x: jax.Array, t: jax.Array, *, image_emb: jax.Array | None = None,
                  tokens: jax.Array | None = None, low_res: jax.Array | None = None,
                  noise_level: jax.Array | None = None, drop_image: jax.Array | None = None,
-                 drop_text: jax.Array | None = None, train: bool = False) -> jax.Array:
+                 drop_text: jax.Array | None = None, text_emb: jax.Array | None = None,
+                 text_states: jax.Array | None = None, text_mask: jax.Array | None = None,
+                 train: bool = False) -> jax.Array:
         b = x.shape[0]
         mc, ted = self.model_channels, 4 * self.model_channels
         emb = timestep_embedding(t, mc).astype(self.dtype)
         emb = Dense(ted, axes=(None, "mlp"), dtype=self.dtype, name="time_fc1")(emb)
         emb = Dense(ted, axes=("mlp", "embed"), dtype=self.dtype, name="time_fc2")(jax.nn.silu(emb))
-        context = []
+        context, context_mask = [], []
         if self.noise_level_cond:
             if noise_level is None:
                 raise ValueError("this UNet conditions on the low-res noise level: pass noise_level [B]")
@@ -300,6 +329,12 @@ class UNet(nn.Module):
             toks = Dense(self.image_tokens * self.context_dim, axes=("embed", "mlp"), dtype=self.dtype,
                          name="image_to_tokens")(e)
             context.append(toks.reshape(b, self.image_tokens, self.context_dim))
+            context_mask.append(jnp.ones((b, self.image_tokens), bool))
+        if self.text_embed_width:
+            if text_emb is None:
+                raise ValueError("this UNet conditions on a CLIP text embedding: pass text_emb [B, E]")
+            emb = emb + Dense(ted, axes=("embed", "mlp"), dtype=self.dtype, name="text_to_time")(
+                text_emb.astype(self.dtype))
         if self.caption_depth:
             if tokens is None:
                 raise ValueError("this UNet has a caption transformer: pass tokens [B, L]")
@@ -311,7 +346,19 @@ class UNet(nn.Module):
                                         dtype=self.dtype, name="caption")(tokens)
             emb = emb + Dense(ted, axes=("embed", "mlp"), dtype=self.dtype, name="caption_to_time")(states[:, -1])
             context.append(states)
+            context_mask.append(jnp.ones(states.shape[:2], bool))
+        masked = False
+        if self.text_states_width:
+            if text_states is None or text_mask is None:
+                raise ValueError("this UNet conditions on CLIP text token states: pass text_states [B, L, W] "
+                                 "and text_mask [B, L]")
+            s = Dense(self.context_dim, axes=("embed", "mlp"), dtype=self.dtype,
+                      name="text_states_proj")(text_states.astype(self.dtype))
+            context.append(LayerNorm(dtype=self.dtype, axis_name="mlp", name="text_states_norm")(s))
+            context_mask.append(text_mask.astype(bool))
+            masked = True
         ctx = jnp.concatenate(context, axis=1) if context else None
+        ctx_mask = jnp.concatenate(context_mask, axis=1) if masked else None
 
         h = x.astype(self.dtype)
         up = None
@@ -334,7 +381,9 @@ class UNet(nn.Module):
             h = full = res(fc, name="full_res_down")(h, emb)
         if p > 1:
             h = space_to_depth(h, p)
-        attn = lambda name: self._block(AttentionBlock, head_channels=self.head_channels, name=name)  # noqa: E731
+        def attn(name: str) -> Callable:
+            block = self._block(AttentionBlock, head_channels=self.head_channels, name=name)
+            return lambda h, c: block(h, c, ctx_mask)
 
         # Explicit names: the param tree is the same with and without remat.
         h = Conv(mc, dtype=self.dtype, name="in_conv")(h)

@@ -77,6 +77,14 @@ class DecoderStage(FrozenClipMixin, ImageDiffusionStage):
         if m.caption_depth < 0:
             raise ConfigError("model.caption_depth", f"must be >= 0 (0 = no caption transformer), got "
                               f"{m.caption_depth}")
+        context_width = int(m.get("context_width", 0))
+        if context_width < 0 or (m.caption_depth and context_width not in (0, int(m.caption_width))):
+            raise ConfigError("model.context_width", f"{context_width}: must be 0 (the default width) or, with a "
+                              f"caption transformer, its caption_width {m.caption_width}")
+        if m.get("clip_text_conditioning", False):
+            raise ConfigError("model.clip_text_conditioning", "training and sampling a decoder conditioned on the "
+                              "CLIP's text token states (karlo's) is not supported yet; such a decoder is "
+                              "imported with tools.import_karlo")
         if m.caption_depth and (m.caption_width <= 0 or m.caption_width % m.caption_heads):
             raise ConfigError("model.caption_heads", f"caption_width {m.caption_width} must be positive and "
                               f"divisible by caption_heads {m.caption_heads}")
@@ -105,10 +113,12 @@ class DecoderStage(FrozenClipMixin, ImageDiffusionStage):
             self.tokenizer = load_tokenizer(fileio.join(self.config.clip_workdir, TOKENIZER_DIR))
             self.clip = build_clip(clip_cfg.model, self.tokenizer.eot_id)
             dims = (clip_cfg.model.embed_dim, self.tokenizer.vocab_size, clip_cfg.model.text.context_length)
+            self.text_width = int(clip_cfg.model.text.width)
             self.clip_resolution = int(clip_cfg.model.vision.image_size)
             self.pad_id = int(self.tokenizer.pad_id)
         else:  # parameter counting without a CLIP workdir (tools.params)
             dims = (m.clip_embed_dim, m.clip_vocab_size, m.clip_context_length)
+            self.text_width = int(m.get("clip_text_width", 0))
             self.pad_id = 0
             self.clip_resolution = int(self.config.data.resolution)
         self.embed_dim, self.vocab_size, self.clip_context = (int(x) for x in dims)
@@ -122,14 +132,26 @@ class DecoderStage(FrozenClipMixin, ImageDiffusionStage):
                          caption_vocab_size=self.vocab_size,
                          caption_context_length=self.context_length, caption_width=int(m.caption_width),
                          caption_depth=int(m.caption_depth), caption_heads=int(m.caption_heads),
-                         caption_pad_id=self.pad_id, caption_scan_layers=bool(m.get("caption_scan_layers", False)))
+                         caption_pad_id=self.pad_id, caption_scan_layers=bool(m.get("caption_scan_layers", False)),
+                         context_width=int(m.get("context_width", 0)),
+                         text_embed_width=self.embed_dim if self.clip_text_conditioning else 0,
+                         text_states_width=self.text_width if self.clip_text_conditioning else 0)
         self.build_diffusion()
+
+    @property
+    def clip_text_conditioning(self) -> bool:
+        return bool(self.config.model.get("clip_text_conditioning", False))
 
     def init_params(self, rng: jax.Array) -> Any:
         r = int(self.config.data.resolution)
+        text = {}
+        if self.clip_text_conditioning:
+            n = self.clip_context
+            text = dict(text_emb=jnp.zeros((1, self.embed_dim)), text_states=jnp.zeros((1, n, self.text_width)),
+                        text_mask=jnp.ones((1, n), bool))
         return self.unet.init(rng, jnp.zeros((1, r, r, 3)), jnp.zeros((1,), jnp.int32),
                               image_emb=jnp.zeros((1, self.embed_dim)), tokens=self.caption_tokens(
-                                  jnp.zeros((1, self.clip_context), jnp.int32)))
+                                  jnp.zeros((1, self.clip_context), jnp.int32)), **text)
 
     def load_frozen(self) -> Any:
         return None if self.config.data.embeddings_dir else self.clip_params()

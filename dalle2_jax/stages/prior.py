@@ -19,8 +19,8 @@ import numpy as np
 from dalle2_jax import diffusion as D, fileio, procs
 from dalle2_jax.data import pipeline
 from dalle2_jax.models.clip import build_clip
-from dalle2_jax.models.layers import ACTIVATIONS, dtype_from_name
-from dalle2_jax.models.prior import DiffusionPrior
+from dalle2_jax.models.layers import ACTIVATIONS
+from dalle2_jax.models.prior import build_prior
 from dalle2_jax.models.transformer import REMAT_POLICIES
 from dalle2_jax.stages.base import (TOKENIZER_DIR, FrozenClipMixin, Stage, validate_clip_workdir,
                                     validate_diffusion_keys)
@@ -90,6 +90,9 @@ class PriorStage(FrozenClipMixin, Stage):
                               "'standardize'")
         if not 0.0 <= m.cond_drop_prob < 1.0:
             raise ConfigError("model.cond_drop_prob", f"must be in [0, 1), got {m.cond_drop_prob}")
+        if not m.get("null_text_embedding", True) and m.cond_drop_prob > 0:
+            raise ConfigError("model.cond_drop_prob", f"is {m.cond_drop_prob} but model.null_text_embedding is False "
+                              "(karlo's prior): without a learned null embedding nothing would be dropped; set it to 0")
         validate_diffusion_keys(config, SAMPLERS)
         s = config.sampling
         if s.num_candidates < 1:
@@ -167,10 +170,7 @@ class PriorStage(FrozenClipMixin, Stage):
 
     def _build_prior(self) -> None:
         m = self.config.model
-        self.prior = DiffusionPrior(embed_dim=self.clip_embed_dim, width=m.width, depth=m.depth, num_heads=m.heads,
-                                    context_length=self.context_length, mlp_ratio=m.mlp_ratio, act=m.act,
-                                    ln_eps=m.ln_eps, remat=m.remat, scan_layers=m.scan_layers,
-                                    dtype=dtype_from_name(m.dtype))
+        self.prior = build_prior(m, self.clip_embed_dim, self.context_length)
         d = self.config.diffusion
         self.diffusion = D.make_diffusion(d.schedule, d.num_steps, model_output=d.model_output,
                                           learned_variance=d.learned_variance)

@@ -1,0 +1,383 @@
+"""Builds the karlo (diffusers unCLIP) import fixtures, tests/fixtures/karlo_tiny/ and karlo_keys.json.
+
+Run once, in an environment with torch (CPU build) and diffusers (see ../shared/STACK_NOTES.md, "Reference
+environments"), never in the package's:
+
+    python3 -m venv /tmp/refenv && /tmp/refenv/bin/pip install torch==2.13.0
+    /tmp/refenv/bin/pip install diffusers transformers safetensors accelerate
+    /tmp/refenv/bin/python scripts/make_karlo_fixtures.py
+
+It writes
+- tests/fixtures/karlo_tiny/prior/ (config.json + diffusion_pytorch_model.safetensors): a diffusers
+  `PriorTransformer` with karlo's settings at tiny sizes (TINY_PRIOR below), every parameter perturbed
+  away from its initial value (no zeros, no unit norms, a non-trivial clip_mean / clip_std), saved with
+  `save_pretrained`;
+- tests/fixtures/karlo_tiny/decoder/ and text_proj/: a diffusers `UNet2DConditionModel` with karlo's
+  decoder block types and settings at tiny sizes (TINY_DECODER: 3 levels of 8/16/24 channels, GroupNorm
+  with 2 groups so every group has >= 4 channels, as our GroupNorm needs) and an `UnCLIPTextProjModel`
+  sized to it (TINY_TEXT_PROJ), perturbed the same way; the decoder's weights are stored as float16 (to
+  keep the fixture small; the reference runs the float32 model holding exactly those values);
+- tests/fixtures/karlo_tiny/super_res_first/ and super_res_last/: two diffusers `UNet2DModel`s with karlo's
+  super-resolution settings at tiny sizes (TINY_SUPER_RES: 3 levels of 8/8/16 channels, no attention,
+  additive time embedding, 6 inputs, 3 outputs; the last without a sample_size, as on the hub), perturbed
+  differently, float16 weights;
+- tests/fixtures/karlo_tiny/reference.npz: fixed inputs (timesteps, noisy embeddings, text embeddings,
+  text token states, a text padding mask with a different length per row) and diffusers' outputs on them:
+  `prior/predicted` (the raw x0 prediction, in the standardised space) and `prior/unnormalised`
+  (`post_process_latents` of it: predicted * clip_std + clip_mean, as the pipeline returns embeddings);
+  `text_proj/*` (the context tokens and the additive time embedding, one row with the learned null image
+  embedding) and `decoder/output` (the UNet's [B, 6, H, W] on them, the pipeline's call with the text mask
+  left-padded by 4 x True); `super_res/*` (x_t, a clamped 4 px low-res image, and the pipeline's bicubic
+  upsampling of it) and `super_res_{first,last}/output` (each UNet on cat([x_t, upscaled])).
+- tests/fixtures/karlo_tiny/index.json: versions, the inputs' description, the weights' sha256;
+- tests/fixtures/karlo_keys.json: the FULL-SIZE karlo components' tensor names and shapes and their
+  configs, from meta-device instantiation (no weights). Its "components" map holds one entry per
+  pipeline component ("prior", "decoder", "text_proj", "super_res_first", "super_res_last"), each with
+  the class, its config, the tensor count, the parameter count and the {name: shape} list in state-dict
+  order. `--only prior` (or `--only decoder text_proj`, or `--only super_res_first super_res_last`, each
+  pair made together) regenerates those components and
+  keeps the others.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+
+import numpy as np
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "fixtures")
+TINY_DIR = os.path.join(ROOT, "karlo_tiny")
+KEYS_PATH = os.path.join(ROOT, "karlo_keys.json")
+
+# karlo's prior settings (diffusers' defaults) at tiny sizes: width 2 x 16 = 32, a 24-d CLIP (so [W, E]
+# weights are not square), 12 caption tokens (so 16 positions, not karlo's 81)
+TINY_PRIOR = dict(num_attention_heads=2, attention_head_dim=16, num_layers=2, embedding_dim=24, num_embeddings=12,
+                  additional_embeddings=4, dropout=0.0, time_embed_act_fn="silu", norm_in_type=None,
+                  embedding_proj_norm_type=None, encoder_hid_proj_type="linear", added_emb_type="prd",
+                  time_embed_dim=None, embedding_proj_dim=None, clip_embed_dim=None)
+# karlo's decoder (the diffusers conversion script's DECODER_CONFIG; the rest are UNet2DConditionModel's
+# defaults: GroupNorm 32 / 1e-5, [cos, sin] timestep features with shift 0, SiLU)
+DECODER_CONFIG = dict(sample_size=64, layers_per_block=3,
+                      down_block_types=("ResnetDownsampleBlock2D",) + ("SimpleCrossAttnDownBlock2D",) * 3,
+                      up_block_types=("SimpleCrossAttnUpBlock2D",) * 3 + ("ResnetUpsampleBlock2D",),
+                      mid_block_type="UNetMidBlock2DSimpleCrossAttn", block_out_channels=(320, 640, 960, 1280),
+                      in_channels=3, out_channels=6, cross_attention_dim=1536, class_embed_type="identity",
+                      attention_head_dim=64, resnet_time_scale_shift="scale_shift")
+# the same block types at tiny sizes: attention at 8 and 4 px (not at the first level) and in the middle,
+# 8-channel heads, a 20-wide context (not 4 x channels), 2 resnets per level
+TINY_DECODER = dict(DECODER_CONFIG, sample_size=16, layers_per_block=2,
+                    down_block_types=("ResnetDownsampleBlock2D",) + ("SimpleCrossAttnDownBlock2D",) * 2,
+                    up_block_types=("SimpleCrossAttnUpBlock2D",) * 2 + ("ResnetUpsampleBlock2D",),
+                    block_out_channels=(8, 16, 24), cross_attention_dim=20, attention_head_dim=8, norm_num_groups=2)
+# text_proj sized to the tiny decoder: time embedding 4 x 8, a 12-d CLIP (text embedding and token states)
+TINY_TEXT_PROJ = dict(clip_extra_context_tokens=4, clip_embeddings_dim=12, time_embed_dim=32, cross_attention_dim=20)
+# karlo's super-resolution UNets (the conversion script's SUPER_RES_UNET_{FIRST_STEPS,LAST_STEP}_CONFIG; the
+# rest are UNet2DModel's defaults: GroupNorm 32 / 1e-5, [cos, sin] timestep features with shift 0, SiLU,
+# resnet_time_scale_shift "default" = the time embedding added before the second norm). The hub's
+# super_res_last/config.json has no sample_size (the pipeline sizes both from super_res_first's).
+SUPER_RES_CONFIG = dict(sample_size=256, layers_per_block=3, down_block_types=("ResnetDownsampleBlock2D",) * 4,
+                        up_block_types=("ResnetUpsampleBlock2D",) * 4, block_out_channels=(320, 640, 960, 1280),
+                        in_channels=6, out_channels=3, add_attention=False)
+SUPER_RES_LAST_CONFIG = dict(SUPER_RES_CONFIG, sample_size=None)
+# the same block types at tiny sizes: 3 levels of 8/8/16 channels (small: two of them are stored), 2 resnets
+# per level, GroupNorm with 2
+# groups (>= 4 channels per group), 16 px output from a 4 px low-res image (karlo's factor 4)
+TINY_SUPER_RES = dict(SUPER_RES_CONFIG, sample_size=16, layers_per_block=2,
+                      down_block_types=("ResnetDownsampleBlock2D",) * 3, up_block_types=("ResnetUpsampleBlock2D",) * 3,
+                      block_out_channels=(8, 8, 16), norm_num_groups=2)
+TINY_SUPER_RES_LAST = dict(TINY_SUPER_RES, sample_size=None)
+SUPER_RES_LOW = 4  # the tiny low-res side
+DECODER_TEXT_LENGTHS = [10, 4, 1, 7]  # valid caption tokens per row, of 10
+DECODER_NULL_ROWS = [False, True, False, False]  # rows given the learned null image embedding
+TIMESTEPS = [0, 1, 437, 999]
+TEXT_LENGTHS = [12, 5, 1, 9]  # valid caption tokens per row (the rest is padding)
+
+
+def _perturb(model, seed: int) -> None:
+    """Moves every parameter away from its initial value: weights get N(0, 1/fan_in) noise added, vectors
+    N(0, 0.1) (norm scales around 1), the learned embeddings N(0, 0.5); clip_std = 0.5 + U(0, 1)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            if name == "clip_std":
+                p.copy_(0.5 + torch.rand(p.shape, generator=g))
+            elif name == "clip_mean":
+                p.copy_(0.3 * noise)
+            elif name in ("positional_embedding", "prd_embedding"):
+                p.copy_(0.5 * noise)
+            elif p.ndim >= 2:
+                p.add_(noise / p.shape[1] ** 0.5)
+            else:
+                p.add_(0.1 * noise)
+            assert bool((p != 0).all()), name
+
+
+def _perturb_weights(model, seed: int) -> None:
+    """Moves every parameter away from its initial value: weights (2-D and conv) get N(0, 1/fan_in) noise
+    added, vectors N(0, 0.1) (norm scales around 1), the null image embedding N(0, 1)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            if name == "learned_classifier_free_guidance_embeddings":
+                p.copy_(noise)
+            elif p.ndim >= 2:
+                p.add_(noise / (p[0].numel()) ** 0.5)
+            else:
+                p.add_(0.1 * noise)
+            assert bool((p != 0).all()), name
+
+
+def make_tiny_decoder(out_dir: str, seed: int = 10) -> dict:
+    """Saves the tiny decoder and text_proj under out_dir/{decoder,text_proj} and returns {name: array} of
+    their inputs and outputs (the pipeline's decoder call, one step)."""
+    import torch
+    import torch.nn.functional as F
+    from diffusers import UNet2DConditionModel
+    from diffusers.pipelines.deprecated.unclip.text_proj import UnCLIPTextProjModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**TINY_DECODER).eval()
+    text_proj = UnCLIPTextProjModel(**TINY_TEXT_PROJ).eval()
+    _perturb_weights(unet, seed + 1)
+    _perturb_weights(text_proj, seed + 2)
+    with torch.no_grad():  # the decoder is stored as float16: compute with exactly the stored values
+        for p in unet.parameters():
+            p.copy_(p.half().float())
+    unet.half().save_pretrained(os.path.join(out_dir, "decoder"), safe_serialization=True)
+    unet.float()
+    text_proj.save_pretrained(os.path.join(out_dir, "text_proj"), safe_serialization=True)
+
+    rng = np.random.default_rng(seed + 3)
+    b, e = len(TIMESTEPS), TINY_TEXT_PROJ["clip_embeddings_dim"]
+    n, side = max(DECODER_TEXT_LENGTHS), TINY_DECODER["sample_size"]
+    x_t = rng.standard_normal((b, 3, side, side), dtype=np.float32)
+    image_emb = rng.standard_normal((b, e), dtype=np.float32)
+    text_emb = (3.0 * rng.standard_normal((b, e))).astype(np.float32)
+    states = rng.standard_normal((b, n, e), dtype=np.float32)
+    mask = np.arange(n)[None, :] < np.asarray(DECODER_TEXT_LENGTHS)[:, None]
+    null = np.asarray(DECODER_NULL_ROWS)
+    t = np.asarray(TIMESTEPS, np.int64)
+    T = torch.from_numpy
+    with torch.no_grad():
+        # the null rows as text_proj's classifier-free-guidance path makes them: the learned embedding
+        cond = T(image_emb).clone()
+        cond[T(null)] = text_proj.learned_classifier_free_guidance_embeddings
+        context, additive = text_proj(image_embeddings=cond, prompt_embeds=T(text_emb),
+                                      text_encoder_hidden_states=T(states), do_classifier_free_guidance=False)
+        rows = np.flatnonzero(null)
+        cfg_context, cfg_additive = text_proj(
+            image_embeddings=T(image_emb[rows]), prompt_embeds=T(text_emb[np.r_[rows, rows]]),
+            text_encoder_hidden_states=T(states[np.r_[rows, rows]]), do_classifier_free_guidance=True)
+        assert torch.allclose(cfg_context[: len(rows)], context[rows]), "text_proj's own null rows differ"
+        assert torch.allclose(cfg_additive[: len(rows)], additive[rows])
+        decoder_mask = F.pad(T(mask), (TINY_TEXT_PROJ["clip_extra_context_tokens"], 0), value=True)
+        out = unet(T(x_t), timestep=T(t), encoder_hidden_states=context, class_labels=additive,
+                   attention_mask=decoder_mask).sample
+    return {"decoder/timesteps": t.astype(np.int32), "decoder/x_t": x_t, "decoder/image_emb": image_emb,
+            "decoder/text_emb": text_emb, "decoder/text_states": states, "decoder/text_mask": mask,
+            "decoder/null_rows": null, "text_proj/context": context.numpy(), "text_proj/additive": additive.numpy(),
+            "decoder/output": out.numpy()}
+
+
+def make_tiny_super_res(out_dir: str, seed: int = 20) -> dict:
+    """Saves the tiny super_res_first and super_res_last (two UNet2DModels, the same block types, perturbed
+    differently) under out_dir/ and returns {name: array} of their inputs and outputs: the pipeline's
+    super-res input, cat([x_t, bicubic-upsampled low-res image]), built as UnCLIPPipeline builds it."""
+    import torch
+    import torch.nn.functional as F
+    from diffusers import UNet2DModel
+
+    rng = np.random.default_rng(seed)
+    b, side = len(TIMESTEPS), TINY_SUPER_RES["sample_size"]
+    x_t = rng.standard_normal((b, 3, side, side), dtype=np.float32)
+    # the decoder's output as the pipeline passes it on: clamped to [-1, 1] (some pixels saturated)
+    low = np.clip(1.5 * rng.standard_normal((b, 3, SUPER_RES_LOW, SUPER_RES_LOW)), -1, 1).astype(np.float32)
+    t = np.asarray(TIMESTEPS, np.int64)
+    with torch.no_grad():  # UnCLIPPipeline.__call__'s upsampling (off MPS), then its model input
+        upscaled = F.interpolate(torch.from_numpy(low), size=[side, side], mode="bicubic", align_corners=False,
+                                 antialias=True)
+        model_input = torch.cat([torch.from_numpy(x_t), upscaled], dim=1)
+    arrays = {"super_res/timesteps": t.astype(np.int32), "super_res/x_t": x_t, "super_res/low_res": low,
+              "super_res/upscaled": upscaled.numpy()}
+    for k, (name, config) in enumerate((("super_res_first", TINY_SUPER_RES), ("super_res_last", TINY_SUPER_RES_LAST))):
+        torch.manual_seed(seed + 10 * (k + 1))
+        unet = UNet2DModel(**config).eval()
+        _perturb_weights(unet, seed + 10 * (k + 1) + 1)
+        with torch.no_grad():  # stored as float16: compute with exactly the stored values
+            for p in unet.parameters():
+                p.copy_(p.half().float())
+        unet.half().save_pretrained(os.path.join(out_dir, name), safe_serialization=True)
+        unet.float()
+        with torch.no_grad():
+            arrays[f"{name}/output"] = unet(model_input, timestep=torch.from_numpy(t)).sample.numpy()
+    return arrays
+
+
+def make_tiny_prior(out_dir: str, seed: int = 0) -> dict:
+    """Saves the tiny prior under out_dir/prior and returns {name: array} of its inputs and outputs."""
+    import torch
+    from diffusers import PriorTransformer
+
+    torch.manual_seed(seed)
+    model = PriorTransformer(**TINY_PRIOR).eval()
+    _perturb(model, seed + 1)
+    model.save_pretrained(os.path.join(out_dir, "prior"), safe_serialization=True)
+
+    rng = np.random.default_rng(seed + 2)
+    b, e, n = len(TIMESTEPS), TINY_PRIOR["embedding_dim"], TINY_PRIOR["num_embeddings"]
+    x_t = rng.standard_normal((b, e), dtype=np.float32)
+    text_emb = (3.0 * rng.standard_normal((b, e))).astype(np.float32)  # karlo's text_embeds are not unit
+    states = rng.standard_normal((b, n, e), dtype=np.float32)
+    mask = np.arange(n)[None, :] < np.asarray(TEXT_LENGTHS)[:, None]
+    t = np.asarray(TIMESTEPS, np.int64)
+    with torch.no_grad():
+        pred = model(torch.from_numpy(x_t), timestep=torch.from_numpy(t), proj_embedding=torch.from_numpy(text_emb),
+                     encoder_hidden_states=torch.from_numpy(states), attention_mask=torch.from_numpy(mask)
+                     ).predicted_image_embedding
+        unnorm = model.post_process_latents(pred)
+        # the pipeline's own call: one scalar timestep for the batch (the same as a repeated vector)
+        scalar = model(torch.from_numpy(x_t), timestep=int(t[2]), proj_embedding=torch.from_numpy(text_emb),
+                       encoder_hidden_states=torch.from_numpy(states), attention_mask=torch.from_numpy(mask)
+                       ).predicted_image_embedding
+    return {"prior/timesteps": t.astype(np.int32), "prior/x_t": x_t, "prior/text_emb": text_emb,
+            "prior/text_states": states, "prior/text_mask": mask, "prior/predicted": pred.numpy(),
+            "prior/unnormalised": unnorm.numpy(), "prior/predicted_t437": scalar.numpy()}
+
+
+def full_size_components() -> dict:
+    """The full-size karlo components on the meta device: {component: {class, config, num_tensors,
+    num_params, tensors: {name: shape}}}."""
+    import torch
+    from diffusers import PriorTransformer, UNet2DConditionModel, UNet2DModel
+    from diffusers.pipelines.deprecated.unclip.text_proj import UnCLIPTextProjModel
+
+    with torch.device("meta"):
+        models = {"prior": PriorTransformer(),  # its defaults are karlo's
+                  "decoder": UNet2DConditionModel(**DECODER_CONFIG),
+                  # as the conversion script builds it: time embedding 4 x 320, the decoder's context width
+                  "text_proj": UnCLIPTextProjModel(time_embed_dim=4 * DECODER_CONFIG["block_out_channels"][0],
+                                                   cross_attention_dim=DECODER_CONFIG["cross_attention_dim"]),
+                  "super_res_first": UNet2DModel(**SUPER_RES_CONFIG),
+                  "super_res_last": UNet2DModel(**SUPER_RES_LAST_CONFIG)}
+    out = {}
+    for name, model in models.items():
+        sd = model.state_dict()
+        config = json.loads(json.dumps({k: v for k, v in dict(model.config).items() if not k.startswith("_")}))
+        out[name] = {"class": type(model).__name__, "config": config,
+                     "num_tensors": len(sd), "num_params": int(sum(v.numel() for v in sd.values())),
+                     "tensors": {k: list(v.shape) for k, v in sd.items()}}
+    return out
+
+
+def _sha256(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", nargs="*", default=None, help="components to (re)write (default: all)")
+    args = ap.parse_args()
+    import diffusers
+    import safetensors
+    import torch
+
+    versions = {"torch": torch.__version__, "diffusers": diffusers.__version__,
+                "safetensors": safetensors.__version__, "numpy": np.__version__}
+    only = set(args.only or ["prior", "decoder", "text_proj", "super_res_first", "super_res_last"])
+
+    keys = {"format": 1, "components": {}}
+    if os.path.exists(KEYS_PATH):
+        with open(KEYS_PATH) as f:
+            keys = json.load(f)
+    full = full_size_components()
+    for name in sorted(only & set(full)):
+        keys["components"][name] = full[name]
+        print(f"full-size {name}: {full[name]['num_tensors']} tensors, {full[name]['num_params']:,} params")
+    keys["source"] = ("diffusers' karlo (unCLIP) component classes with their karlo-v1-alpha configs, "
+                      "instantiated on the meta device by scripts/make_karlo_fixtures.py (no weights)")
+    keys["versions"] = versions
+    with open(KEYS_PATH, "w") as f:
+        json.dump(keys, f, indent=1)
+        f.write("\n")
+
+    os.makedirs(TINY_DIR, exist_ok=True)
+    index_path = os.path.join(TINY_DIR, "index.json")
+    index = {"components": {}}
+    if os.path.exists(index_path):
+        with open(index_path) as f:
+            index = json.load(f)
+    npz_path = os.path.join(TINY_DIR, "reference.npz")
+    arrays = dict(np.load(npz_path)) if os.path.exists(npz_path) else {}
+    if "prior" in only:
+        arrays = {k: v for k, v in arrays.items() if not k.startswith("prior/")}
+        arrays.update(make_tiny_prior(TINY_DIR))
+        weights = os.path.join(TINY_DIR, "prior", "diffusion_pytorch_model.safetensors")
+        index["components"]["prior"] = {
+            "class": "PriorTransformer", "config": TINY_PRIOR, "weights_sha256": _sha256(weights),
+            "timesteps": TIMESTEPS, "text_lengths": TEXT_LENGTHS,
+            "outputs": {"predicted": "model(x_t, timestep=t, proj_embedding=text_emb, encoder_hidden_states="
+                                     "text_states, attention_mask=text_mask).predicted_image_embedding",
+                        "unnormalised": "post_process_latents(predicted) = predicted * clip_std + clip_mean",
+                        "predicted_t437": "predicted with the scalar timestep 437 for every row"},
+            "max_abs": {k: float(np.abs(arrays[f"prior/{k}"]).max())
+                        for k in ("predicted", "unnormalised", "predicted_t437")}}
+        print(f"tiny prior: outputs max |x| {index['components']['prior']['max_abs']}")
+    if only & {"decoder", "text_proj"}:  # made together: the reference runs text_proj into the decoder
+        arrays = {k: v for k, v in arrays.items() if not k.startswith(("decoder/", "text_proj/"))}
+        arrays.update(make_tiny_decoder(TINY_DIR))
+        shared = {"timesteps": TIMESTEPS, "text_lengths": DECODER_TEXT_LENGTHS, "null_rows": DECODER_NULL_ROWS}
+        index["components"]["text_proj"] = {
+            "class": "UnCLIPTextProjModel", "config": TINY_TEXT_PROJ,
+            "weights_sha256": _sha256(os.path.join(TINY_DIR, "text_proj", "diffusion_pytorch_model.safetensors")),
+            **shared,
+            "outputs": {"context": "text_proj(image_embeddings=image_emb with null_rows replaced by "
+                                   "learned_classifier_free_guidance_embeddings (as its do_classifier_free_guidance "
+                                   "path does), prompt_embeds=text_emb, text_encoder_hidden_states=text_states) "
+                                   "[0]: [B, 4 + L, cross_attention_dim]",
+                        "additive": "the same call's [1]: [B, time_embed_dim] (the decoder's class_labels)"},
+            "max_abs": {k: float(np.abs(arrays[f"text_proj/{k}"]).max()) for k in ("context", "additive")}}
+        index["components"]["decoder"] = {
+            "class": "UNet2DConditionModel", "config": TINY_DECODER, "weights_dtype": "float16",
+            "weights_sha256": _sha256(os.path.join(TINY_DIR, "decoder", "diffusion_pytorch_model.safetensors")),
+            **shared,
+            "outputs": {"output": "decoder(x_t [B, 3, H, W], timestep=t, encoder_hidden_states=text_proj/context, "
+                                  "class_labels=text_proj/additive, attention_mask=text_mask left-padded with 4 x "
+                                  "True).sample: [B, 6, H, W] float32 (the model in float32 holding the stored "
+                                  "float16 values)"},
+            "max_abs": {"output": float(np.abs(arrays["decoder/output"]).max())}}
+        print(f"tiny decoder: output max |x| {index['components']['decoder']['max_abs']}, text_proj "
+              f"{index['components']['text_proj']['max_abs']}")
+    if only & {"super_res_first", "super_res_last"}:  # made together: the same inputs
+        arrays = {k: v for k, v in arrays.items() if not k.startswith("super_res")}
+        arrays.update(make_tiny_super_res(TINY_DIR))
+        for name, config in (("super_res_first", TINY_SUPER_RES), ("super_res_last", TINY_SUPER_RES_LAST)):
+            index["components"][name] = {
+                "class": "UNet2DModel", "config": config, "weights_dtype": "float16",
+                "weights_sha256": _sha256(os.path.join(TINY_DIR, name, "diffusion_pytorch_model.safetensors")),
+                "timesteps": TIMESTEPS, "low_res_side": SUPER_RES_LOW,
+                "outputs": {"output": f"{name}(cat([x_t, upscaled], dim=1), timestep=t).sample: [B, 3, H, W] float32 "
+                                      "(the model in float32 holding the stored float16 values), where upscaled = "
+                                      "F.interpolate(low_res, size=[H, W], mode='bicubic', align_corners=False, "
+                                      "antialias=True) as UnCLIPPipeline makes it (super_res/upscaled)"},
+                "max_abs": {"output": float(np.abs(arrays[f"{name}/output"]).max())}}
+            print(f"tiny {name}: output max |x| {index['components'][name]['max_abs']}")
+    index["versions"] = versions
+    np.savez_compressed(npz_path, **arrays)
+    with open(index_path, "w") as f:
+        json.dump(index, f, indent=1)
+        f.write("\n")
+    print(f"wrote {TINY_DIR} and {KEYS_PATH}")
+
+
+if __name__ == "__main__":
+    main()
