@@ -1,8 +1,9 @@
 """Import of karlo (diffusers unCLIP) weights against diffusers' own outputs (issue 11), without torch.
 
-tests/fixtures/karlo_tiny/ holds a tiny diffusers PriorTransformer with karlo's settings, and a tiny
-UNet2DConditionModel with karlo's decoder block types with its UnCLIPTextProjModel (perturbed random
-weights in the diffusers folder layout), and diffusers' outputs on fixed inputs; tests/fixtures/
+tests/fixtures/karlo_tiny/ holds a tiny diffusers PriorTransformer with karlo's settings, a tiny
+UNet2DConditionModel with karlo's decoder block types with its UnCLIPTextProjModel, and two tiny
+UNet2DModels with karlo's super-res settings (perturbed random weights in the diffusers folder layout), and
+diffusers' outputs on fixed inputs; tests/fixtures/
 karlo_keys.json the full-size karlo components' tensor names and shapes. Both were made once by
 scripts/make_karlo_fixtures.py in a separate environment with torch and diffusers.
 """
@@ -22,6 +23,7 @@ from safetensors.numpy import load_file, save_file
 
 from configs import decoder as decoder_configs
 from configs import prior as prior_configs
+from configs import upsampler as upsampler_configs
 from dalle2_jax.inference.errors import InputError
 from dalle2_jax.models.prior import build_prior
 from dalle2_jax.stages import get_stage_class
@@ -311,3 +313,141 @@ def test_full_size_karlo_decoder_mapping(full_keys):
     expected = shapes(K.abstract_decoder_variables(karlo))
     assert shapes({"params": converted}) == expected
     assert sum(int(np.prod(s)) for s in expected.values()) == 885_439_686 + 7_878_400
+
+
+# --- the super-res UNets (super_res_first, super_res_last) -------------------------------------------------
+SR_FIRST_DIR, SR_LAST_DIR = os.path.join(TINY, "super_res_first"), os.path.join(TINY, "super_res_last")
+
+
+@pytest.fixture(scope="module")
+def tiny_super_res():
+    """The imported tiny super-res pair and one jitted forward of our upsampler UNet (float32): (imported,
+    stage, run(variables, low_res NHWC) -> output [B, H, W, 3] on the fixture's x_t and timesteps)."""
+    imported = K.load_super_res(SR_FIRST_DIR, SR_LAST_DIR)
+    imported.config.model.dtype = "float32"
+    stage = get_stage_class("upsampler")(imported.config, "")
+    stage.validate(imported.config)
+    stage.setup_model()
+    forward = jax.jit(lambda v, x, t, low: stage.unet.apply(v, x, t, low_res=low))
+    arrays = dict(np.load(os.path.join(TINY, "reference.npz")))
+    x = arrays["super_res/x_t"].transpose(0, 2, 3, 1)  # diffusers' NCHW -> our NHWC
+
+    def run(variables, low):
+        return np.asarray(forward(variables, x, arrays["super_res/timesteps"], low))
+
+    return imported, stage, run
+
+
+def test_tiny_super_res_match_diffusers(ref, tiny_super_res):
+    """Both imported tiny super-res UNets give diffusers' output within 1e-4 (fp32) for rows with different
+    timesteps, from the 4 px low-res image through our own bicubic upsampling (which gives the pipeline's
+    F.interpolate(bicubic, antialias) image) and from the pipeline's upsampled image itself; the two weight
+    sets are really different models under one config."""
+    index, arrays = ref
+    imported, stage, run = tiny_super_res
+    for name, folder in (("super_res_first", SR_FIRST_DIR), ("super_res_last", SR_LAST_DIR)):
+        with open(os.path.join(folder, K.WEIGHTS_NAME), "rb") as f:
+            assert hashlib.sha256(f.read()).hexdigest() == index["components"][name]["weights_sha256"]
+    assert json.loads(open(os.path.join(SR_LAST_DIR, "config.json")).read())["sample_size"] is None  # as on the hub
+    m, d = imported.config.model, imported.config.data
+    assert (m.channels, tuple(m.channel_mult), m.num_res_blocks, tuple(m.attention_resolutions), m.groups) == (
+        8, (1, 1, 2), 2, (), 2)
+    assert not m.scale_shift and m.resblock_updown and not m.predict_residual and not m.max_noise_level
+    assert (d.resolution, d.low_res_resolution) == (16, 4) and not imported.config.diffusion.learned_variance
+    assert m.low_res_upsample == stage.unet.low_res_upsample == "bicubic"
+    assert imported.num_tensors == 240 and imported.num_params == 74_203  # diffusers' count
+
+    low = arrays["super_res/low_res"].transpose(0, 2, 3, 1)
+    upscaled = arrays["super_res/upscaled"].transpose(0, 2, 3, 1)
+    ours_up = jax.image.resize(jnp.asarray(low), upscaled.shape, method=m.low_res_upsample)
+    np.testing.assert_allclose(np.asarray(ours_up), upscaled, atol=1e-5, rtol=0)
+    outs = {}
+    for name, variables in (("super_res_first", imported.first), ("super_res_last", imported.last)):
+        want = arrays[f"{name}/output"].transpose(0, 2, 3, 1)
+        tol = TOL * max(1.0, float(np.abs(want).max()))
+        outs[name] = out = run(variables, low)
+        assert out.shape == want.shape == (4, 16, 16, 3)
+        err = float(np.abs(out - want).max())
+        assert err < tol, (name, err)
+        # the pipeline's own upsampled image (our UNet's 16 -> 16 bicubic resize is the identity)
+        err = float(np.abs(run(variables, upscaled) - want).max())
+        assert err < tol, (name, err)
+    assert np.abs(outs["super_res_first"] - outs["super_res_last"]).max(axis=(1, 2, 3)).min() > 100 * TOL
+
+
+def _copy_super_res(tmp_path, component: str | None = None, edit=None, config_edit=None) -> tuple[str, str]:
+    """The tiny super_res_first/ and super_res_last/ folders, `component`'s tensors edited by `edit(dict)` or
+    its config.json by `config_edit(dict)` (in place)."""
+    folders = []
+    for name, src in (("super_res_first", SR_FIRST_DIR), ("super_res_last", SR_LAST_DIR)):
+        shutil.copytree(src, tmp_path / name)
+        folders.append(str(tmp_path / name))
+    if edit is not None:
+        weights = str(tmp_path / component / K.WEIGHTS_NAME)
+        tensors = load_file(weights)
+        edit(tensors)
+        save_file(tensors, weights)
+    if config_edit is not None:
+        path = tmp_path / component / "config.json"
+        cfg = json.loads(path.read_text())
+        config_edit(cfg)
+        path.write_text(json.dumps(cfg))
+    return folders[0], folders[1]
+
+
+@pytest.mark.parametrize("component,edit,message", [
+    ("super_res_last", lambda t: t.pop("up_blocks.1.upsamplers.0.conv2.bias"),
+     r"super_res_last/diffusion_pytorch_model\.safetensors does not fit.*\n  1 missing: up_blocks\.1\.upsamplers\.0\."
+     r"conv2\.bias$"),
+    ("super_res_first", lambda t: t.update({"conv_in.weight": np.zeros((8, 3, 3, 3), np.float16)}),
+     r"super_res_first/diffusion_pytorch_model\.safetensors does not fit.*\n  1 mis-shaped: conv_in\.weight "
+     r"\(8, 3, 3, 3\) \(expected \(8, 6, 3, 3\)\)$"),
+    ("super_res_first", lambda t: t.update({"mid_block.attentions.0.to_q.weight": np.zeros((16, 16), np.float16)}),
+     r"1 unexpected: mid_block\.attentions\.0\.to_q\.weight$"),
+])
+def test_super_res_tensor_errors_are_refused_by_name(tmp_path, component, edit, message):
+    folders = _copy_super_res(tmp_path, component, edit=edit)
+    with pytest.raises(InputError, match=message):
+        K.load_super_res(*folders)
+
+
+@pytest.mark.parametrize("component,key,value", [
+    ("super_res_first", "add_attention", True), ("super_res_first", "in_channels", 3),
+    ("super_res_first", "resnet_time_scale_shift", "ada_group"), ("super_res_first", "class_embed_type", "timestep"),
+    ("super_res_first", "time_embedding_type", "fourier"), ("super_res_first", "norm_num_groups", 4),
+    ("super_res_last", "down_block_types", ["ResnetDownsampleBlock2D", "DownBlock2D", "ResnetDownsampleBlock2D"]),
+    ("super_res_last", "mid_block_type", None), ("super_res_last", "layers_per_block", [2, 2, 1]),
+    ("super_res_first", "sample_size", None),  # the output side: the pipeline's comes from super_res_first
+    ("super_res_last", "sample_size", 32),  # the two UNets share one config
+])
+def test_inexpressible_super_res_config_is_refused_by_key(tmp_path, component, key, value):
+    folders = _copy_super_res(tmp_path, component, config_edit=lambda cfg: cfg.update({key: value}))
+    with pytest.raises(InputError, match=rf"{component}/config\.json: {key}"):
+        K.load_super_res(*folders)
+
+
+def test_full_size_karlo_super_res_mapping(full_keys):
+    """The mapping reads exactly the full-size karlo super_res_first's and super_res_last's tensors (names and
+    shapes from diffusers' own UNet2DModel with karlo's configs), both import to configs/upsampler.py:
+    karlo_64to256, and the params they build have exactly the shapes its UNet initialises: shapes only, no
+    weights. The count is diffusers' 691,579,523 per model."""
+    karlo = upsampler_configs.get_config("karlo_64to256")
+    expected = None
+    for name in ("super_res_first", "super_res_last"):
+        entry = full_keys[name]
+        assert (entry["class"], entry["num_tensors"], entry["num_params"]) == ("UNet2DModel", 408, 691_579_523)
+        config = K.karlo_super_res_config(entry["config"], sample_size=256)
+        assert config.to_dict() == karlo.to_dict()  # the import of karlo-v1-alpha's configs is the karlo variant
+        plan = K.super_res_plan(K.super_res_dims(entry["config"]))
+        want = {k: tuple(v) for k, v in entry["tensors"].items()}
+        assert K.expected_tensors(plan) == want
+        abstract_in = {k: jax.ShapeDtypeStruct(s, jnp.float32) for k, s in want.items()}
+        converted = jax.eval_shape(lambda t: K.apply_plan(plan, t, 0, False)[0], abstract_in)
+        shapes = lambda tree: {jax.tree_util.keystr(k): tuple(x.shape)  # noqa: E731
+                               for k, x in jax.tree_util.tree_leaves_with_path(tree)}
+        if expected is None:
+            expected = shapes(K.abstract_super_res_variables(karlo))
+        assert shapes(converted) == expected
+    assert full_keys["super_res_first"]["config"]["sample_size"] == 256
+    assert full_keys["super_res_last"]["config"]["sample_size"] is None
+    assert sum(int(np.prod(s)) for s in expected.values()) == 691_579_523

@@ -45,6 +45,12 @@ switches (diffusers' up_blocks.b is our level L-1-b; the resample resnets are Re
 | text_proj clip_extra_context_tokens_proj                   | image_to_tokens (rows re-ordered, below)       |
 | text_proj encoder_hidden_states_proj / _norm               | text_states_proj / text_states_norm            |
 
+The `super_res_first/` and `super_res_last/` components (diffusers' `UNet2DModel`, Resnet{Down,Up}sampleBlock2D
+at every level, no attention, additive time embedding) map the same way (the UNet rows of the table above,
+without attention) onto the UNet of configs/upsampler.py:karlo_64to256: one config, two sets of variables
+(super_res_first for every sampling step but the last, super_res_last for the last). conv_in's 6 input
+channels are the noisy image then the bicubic-upsampled low-res image, as our UNet concatenates them.
+
 torch Conv2d weights [out, in, kh, kw] become flax kernels [kh, kw, in, out] (both cross-correlate).
 diffusers reshapes clip_extra_context_tokens_proj's output to [B, D, T] and transposes it, so token j is
 output row c * T + j; ours are contiguous (j * D + c), so the rows (and the bias) are re-ordered.
@@ -486,7 +492,7 @@ def _gn(src: str, c: int, dst: Path) -> list[Step]:
     return [_copy(f"{src}.weight", (c,), dst + ("norm", "scale")), _copy(f"{src}.bias", (c,), dst + ("norm", "bias"))]
 
 
-def _resnet(src: str, c_in: int, c_out: int, d: DecoderDims, dst: Path) -> list[Step]:
+def _resnet(src: str, c_in: int, c_out: int, d, dst: Path) -> list[Step]:
     """A diffusers ResnetBlock2D (also the resnet down/up samplers) -> our ResBlock."""
     steps = _gn(f"{src}.norm1", c_in, dst + ("in_norm",)) + _conv(f"{src}.conv1", c_in, c_out, dst + ("in_conv",))
     steps += _linear(f"{src}.time_emb_proj", d.time_dim, 2 * c_out if d.scale_shift else c_out, dst + ("emb_proj",))
@@ -507,13 +513,15 @@ def _attention(src: str, c: int, d: DecoderDims, dst: Path) -> list[Step]:
     return steps
 
 
-def decoder_plan(d: DecoderDims) -> list[Step]:
-    """Every tensor of a diffusers UNet2DConditionModel with karlo's block types and sizes `d`, and where it
-    goes in our UNet's params (diffusers' up_blocks.b is our level L-1-b)."""
+def unet_plan(d, in_channels: int = 3) -> list[Step]:
+    """Every tensor of a diffusers UNet2DConditionModel with karlo's block types, or of a UNet2DModel with
+    Resnet{Down,Up}sampleBlock2D blocks and no attention, with sizes `d` (DecoderDims or SuperResDims), and
+    where it goes in our UNet's params (diffusers' up_blocks.b is our level L-1-b). The middle has
+    attention exactly when some level has it (as our UNet)."""
     p, mc, levels = (PARAMS,), d.channels, len(d.channel_mult)
     steps = _linear("time_embedding.linear_1", mc, d.time_dim, p + ("time_fc1",))
     steps += _linear("time_embedding.linear_2", d.time_dim, d.time_dim, p + ("time_fc2",))
-    steps += _conv("conv_in", 3, mc, p + ("in_conv",))
+    steps += _conv("conv_in", in_channels, mc, p + ("in_conv",))
     h, skips = mc, [mc]
     for lvl, c in enumerate(d.level_channels):
         for i in range(d.num_res_blocks):
@@ -526,7 +534,8 @@ def decoder_plan(d: DecoderDims) -> list[Step]:
             steps += _resnet(f"down_blocks.{lvl}.downsamplers.0", h, h, d, p + (f"down_{lvl}_resample",))
             skips.append(h)
     steps += _resnet("mid_block.resnets.0", h, h, d, p + ("mid_res_0",))
-    steps += _attention("mid_block.attentions.0", h, d, p + ("mid_attn",))
+    if any(d.attention):
+        steps += _attention("mid_block.attentions.0", h, d, p + ("mid_attn",))
     steps += _resnet("mid_block.resnets.1", h, h, d, p + ("mid_res_1",))
     for b, lvl in enumerate(reversed(range(levels))):
         c = d.level_channels[lvl]
@@ -540,6 +549,12 @@ def decoder_plan(d: DecoderDims) -> list[Step]:
     steps += _gn("conv_norm_out", mc, p + ("out_norm",))
     steps += _conv("conv_out", mc, d.out_channels, p + ("out_conv",))
     return steps
+
+
+def decoder_plan(d: DecoderDims) -> list[Step]:
+    """Every tensor of a diffusers UNet2DConditionModel with karlo's block types and sizes `d`, and where it
+    goes in our UNet's params (diffusers' up_blocks.b is our level L-1-b)."""
+    return unet_plan(d, in_channels=3)
 
 
 def _interleaved_tokens_to_ours(a, tokens: int):
@@ -617,3 +632,176 @@ def load_decoder(decoder_folder: str, text_proj_folder: str) -> ImportedDecoder:
     variables = jax.tree.map(lambda a: np.ascontiguousarray(a, np.float32), {"params": params})
     num_params = int(sum(a.size for a in jax.tree.leaves(variables)))
     return ImportedDecoder(config=config, variables=variables, num_tensors=num_tensors, num_params=num_params)
+
+
+# --- the super-resolution UNets (super_res_first, super_res_last: UNet2DModel) ----------------------------
+SUPER_RES_CLASS = "UNet2DModel"
+SUPER_RES_FACTOR = 4  # karlo's decoder output (64 px) to the super-res output (sample_size, 256 px)
+# UNet2DModel options our UNet expresses in one way only: (config.json key, diffusers' default, the value it
+# must have). Training-only keys (dropout) are not checked, nor keys UNet2DModel does not pass to
+# Resnet{Down,Up}sampleBlock2D blocks without attention (downsample_padding, downsample_type, upsample_type,
+# attention_head_dim, attn_norm_num_groups).
+_SUPER_RES_FIXED = (
+    ("in_channels", 3, 6), ("out_channels", 3, 3), ("center_input_sample", False, False),
+    ("time_embedding_type", "positional", "positional"), ("flip_sin_to_cos", True, True), ("freq_shift", 0, 0),
+    ("mid_block_type", "UNetMidBlock2D", "UNetMidBlock2D"), ("mid_block_scale_factor", 1, 1),
+    ("act_fn", "silu", "silu"), ("norm_eps", 1e-5, 1e-5), ("add_attention", True, False),
+    ("class_embed_type", None, None), ("num_class_embeds", None, None))
+
+
+@dataclasses.dataclass(frozen=True)
+class SuperResDims:
+    """The sizes of a karlo-style super-resolution UNet, from a diffusers UNet2DModel config.json."""
+
+    channels: int  # block_out_channels[0]
+    channel_mult: tuple[int, ...]
+    num_res_blocks: int  # layers_per_block
+    image_size: int | None  # sample_size (None: the hub's super_res_last has none)
+    groups: int  # norm_num_groups
+    scale_shift: bool  # resnet_time_scale_shift
+    out_channels: int = 3
+
+    @property
+    def time_dim(self) -> int:
+        return 4 * self.channels
+
+    @property
+    def level_channels(self) -> tuple[int, ...]:
+        return tuple(self.channels * m for m in self.channel_mult)
+
+    @property
+    def attention(self) -> tuple[bool, ...]:
+        return (False,) * len(self.channel_mult)
+
+
+def super_res_dims(cfg: dict, where: str = "super_res_first/config.json") -> SuperResDims:
+    """The sizes of the super-res UNet a diffusers UNet2DModel config (dict) describes. Raises InputError
+    naming a key our UNet cannot express."""
+    for key, default, want in _SUPER_RES_FIXED:
+        have = cfg.get(key, default)
+        if have != want and not (isinstance(want, float) and isinstance(have, (int, float)) and float(have) == want):
+            raise InputError(f"{where}: {key} is {have!r}; karlo's super-res UNets (and our upsampler) have {want!r}")
+    for key in ("block_out_channels", "down_block_types", "up_block_types", "layers_per_block"):
+        if cfg.get(key) is None:
+            raise InputError(f"{where}: {key} is missing (diffusers' default is not karlo's)")
+    boc = [int(c) for c in cfg["block_out_channels"]]
+    mc = boc[0]
+    if any(c % mc for c in boc):
+        raise InputError(f"{where}: block_out_channels {boc} are not multiples of the first; our UNet's are "
+                         "channels x channel_mult")
+    down, up = list(cfg["down_block_types"]), list(cfg["up_block_types"])
+    if len(down) != len(boc) or len(up) != len(boc):
+        raise InputError(f"{where}: down_block_types / up_block_types need one entry per block_out_channels")
+    for key, types, want in (("down_block_types", down, _DOWN_PLAIN), ("up_block_types", up, _UP_PLAIN)):
+        for i, t in enumerate(types):
+            if t != want:
+                raise InputError(f"{where}: {key}[{i}] is {t!r}; karlo's super-res UNets (and our upsampler) have "
+                                 f"{want} at every level")
+    lpb = cfg["layers_per_block"]
+    if not isinstance(lpb, int):
+        raise InputError(f"{where}: layers_per_block is {lpb!r}; our UNet has one count for every level")
+    groups = int(cfg.get("norm_num_groups", 32))
+    if mc < 4 * groups:
+        raise InputError(f"{where}: norm_num_groups {groups} with block_out_channels[0] = {mc}: our GroupNorm "
+                         "keeps at least 4 channels per group (use >= 4 x norm_num_groups channels)")
+    shift = cfg.get("resnet_time_scale_shift", "default")
+    if shift not in _SCALE_SHIFT:
+        raise InputError(f"{where}: resnet_time_scale_shift is {shift!r}; our UNet has {sorted(_SCALE_SHIFT)}")
+    ted = cfg.get("time_embedding_dim")
+    if ted is not None and int(ted) != 4 * mc:
+        raise InputError(f"{where}: time_embedding_dim is {ted}; ours is 4 x block_out_channels[0] = {4 * mc}")
+    size = cfg.get("sample_size")
+    if size is not None:
+        if not isinstance(size, int):
+            raise InputError(f"{where}: sample_size is {size!r}; our upsampler makes square images (one int)")
+        if size % (SUPER_RES_FACTOR * 2 ** (len(boc) - 1)):
+            raise InputError(f"{where}: sample_size {size} is not divisible by {SUPER_RES_FACTOR} (karlo's "
+                             f"upsampling factor) x 2^{len(boc) - 1} (the UNet's downsampling)")
+    return SuperResDims(channels=mc, channel_mult=tuple(c // mc for c in boc), num_res_blocks=lpb,
+                        image_size=size, groups=groups, scale_shift=_SCALE_SHIFT[shift])
+
+
+def karlo_super_res_config(cfg: dict, where: str = "super_res_first/config.json", sample_size: int | None = None):
+    """configs/upsampler.py:karlo_64to256 with the sizes of a diffusers UNet2DModel config (dict). The output
+    side is its sample_size (or `sample_size` where it has none); the low-res side a quarter of it."""
+    from configs import upsampler as upsampler_configs
+
+    d = super_res_dims(cfg, where)
+    size = d.image_size if d.image_size is not None else sample_size
+    if size is None:
+        raise InputError(f"{where}: sample_size is missing (the output side; the pipeline takes super_res_first's)")
+    c = upsampler_configs.get_config("karlo_64to256")
+    m = c.model
+    m.channels, m.channel_mult, m.num_res_blocks = d.channels, d.channel_mult, d.num_res_blocks
+    m.attention_resolutions, m.groups = (), d.groups
+    m.scale_shift, m.resblock_updown = d.scale_shift, True
+    c.data.resolution, c.data.low_res_resolution = size, size // SUPER_RES_FACTOR
+    c.data.crop_size = size // SUPER_RES_FACTOR
+    return c
+
+
+def super_res_plan(d: SuperResDims) -> list[Step]:
+    """Every tensor of a diffusers UNet2DModel with karlo's super-res block types and sizes `d`, and where it
+    goes in our UNet's params: conv_in reads the noisy image then the upsampled low-res image (6 channels),
+    in our concatenation's order."""
+    return unet_plan(d, in_channels=6)
+
+
+def abstract_super_res_variables(config) -> Any:
+    """The shapes ({'params': ...} of jax.ShapeDtypeStruct) a configs/upsampler.py config's UNet initialises
+    to, built through the upsampler stage; nothing computed."""
+    import flax.linen as nn
+    import jax
+
+    from dalle2_jax.stages import get_stage_class
+
+    stage = get_stage_class("upsampler")(config, workdir="")
+    return nn.unbox(jax.eval_shape(stage.abstract_init, jax.random.key(0)))
+
+
+@dataclasses.dataclass
+class ImportedSuperRes:
+    """karlo's two super-res UNets read from diffusers super_res_first/ and super_res_last/ folders: one config
+    (the same architecture), two sets of variables."""
+
+    config: Any  # configs/upsampler.py:karlo_64to256 with the folders' sizes
+    first: dict  # {'params': ...} float32 numpy arrays: every sampling step but the last
+    last: dict  # {'params': ...}: the last step
+    num_tensors: int  # per model
+    num_params: int  # per model
+
+
+def load_super_res_unet(folder: str, sample_size: int | None = None) -> tuple[Any, dict, int]:
+    """Reads one diffusers super-res folder (UNet2DModel: config.json + diffusion_pytorch_model.safetensors,
+    float32 or float16) into (configs/upsampler.py:karlo_64to256 with its sizes, our UNet's variables, the
+    tensor count). `sample_size` is the output side where its config.json has none. Raises InputError for a
+    config option our UNet cannot express (named), or a missing, unexpected or mis-shaped tensor (named)."""
+    import jax
+
+    cfg = read_component_config(folder, SUPER_RES_CLASS)
+    where = os.path.join(folder, "config.json")
+    config = karlo_super_res_config(cfg, where, sample_size)
+    plan = super_res_plan(super_res_dims(cfg, where))
+    tensors = _read_weights(folder, plan)
+    variables = apply_plan(plan, tensors, 0, False)[0]
+    variables = jax.tree.map(lambda a: np.ascontiguousarray(a, np.float32), variables)
+    return config, variables, len(tensors)
+
+
+def load_super_res(first_folder: str, last_folder: str) -> ImportedSuperRes:
+    """Reads diffusers `super_res_first/` and `super_res_last/` folders into one config and two sets of our
+    UNet's variables. Both must describe the same UNet (super_res_last may lack sample_size: the pipeline
+    sizes both from super_res_first). Raises InputError as load_super_res_unet does, or naming the
+    first key where the two configs differ."""
+    import jax
+
+    config, first, n = load_super_res_unet(first_folder)
+    last_config, last, _ = load_super_res_unet(last_folder, sample_size=int(config.data.resolution))
+    if last_config.to_dict() != config.to_dict():
+        a, b = (read_component_config(f, SUPER_RES_CLASS) for f in (first_folder, last_folder))
+        keys = sorted(k for k in set(a) | set(b) if not k.startswith("_") and a.get(k) != b.get(k)
+                      and not (k == "sample_size" and b.get(k) is None))
+        raise InputError(f"{os.path.join(last_folder, 'config.json')}: {keys[0] if keys else 'its sizes'} differs "
+                         f"from {os.path.join(first_folder, 'config.json')}; both super-res UNets share one config")
+    num_params = int(sum(a.size for a in jax.tree.leaves(first)))
+    return ImportedSuperRes(config=config, first=first, last=last, num_tensors=n, num_params=num_params)
