@@ -28,14 +28,17 @@ It writes
   `text_proj/*` (the context tokens and the additive time embedding, one row with the learned null image
   embedding) and `decoder/output` (the UNet's [B, 6, H, W] on them, the pipeline's call with the text mask
   left-padded by 4 x True); `super_res/*` (x_t, a clamped 4 px low-res image, and the pipeline's bicubic
-  upsampling of it) and `super_res_{first,last}/output` (each UNet on cat([x_t, upscaled])).
+  upsampling of it) and `super_res_{first,last}/output` (each UNet on cat([x_t, upscaled]));
+  `sched/{prior,decoder,super_res}/*`: each of the pipeline's UnCLIPScheduler configs' set_timesteps(n)
+  and single step()s on fixed model outputs, samples and injected noise (`InjectedNoise` replaces
+  diffusers' randn_tensor), at the first, second, middle, second-to-last and last positions.
 - tests/fixtures/karlo_tiny/index.json: versions, the inputs' description, the weights' sha256;
 - tests/fixtures/karlo_keys.json: the FULL-SIZE karlo components' tensor names and shapes and their
   configs, from meta-device instantiation (no weights). Its "components" map holds one entry per
   pipeline component ("prior", "decoder", "text_proj", "super_res_first", "super_res_last"), each with
   the class, its config, the tensor count, the parameter count and the {name: shape} list in state-dict
   order. `--only prior` (or `--only decoder text_proj`, or `--only super_res_first super_res_last`, each
-  pair made together) regenerates those components and
+  pair made together; `--only schedulers` for sched/*) regenerates those components and
   keeps the others.
 """
 
@@ -253,6 +256,90 @@ def make_tiny_prior(out_dir: str, seed: int = 0) -> dict:
             "prior/unnormalised": unnorm.numpy(), "prior/predicted_t437": scalar.numpy()}
 
 
+# The pipeline's three UnCLIPScheduler configs (karlo-v1-alpha's scheduler_config.json files; all
+# squaredcos_cap_v2 over 1000 steps with clip_sample) and its default step counts.
+SCHEDULERS = {"prior": dict(variance_type="fixed_small_log", prediction_type="sample", clip_sample_range=5.0),
+              "decoder": dict(variance_type="learned_range", prediction_type="epsilon", clip_sample_range=1.0),
+              "super_res": dict(variance_type="fixed_small_log", prediction_type="epsilon", clip_sample_range=1.0)}
+SCHEDULER_STEPS = {"prior": 25, "decoder": 25, "super_res": 7}
+SCHEDULER_SHAPES = {"prior": (2, 24), "decoder": (2, 3, 4, 4), "super_res": (2, 3, 4, 4)}
+SET_TIMESTEPS = [2, 3, 7, 25]
+
+
+class InjectedNoise:
+    """Replaces diffusers' `randn_tensor` in the given modules by a queue of given arrays (each call takes
+    the next one; its shape must be the one asked for), so the scheduler's and the pipeline's draws are
+    fixed inputs of the fixture, not a torch generator's stream."""
+
+    def __init__(self, modules, queue=()):
+        self.modules, self.queue, self.saved = list(modules), list(queue), []
+
+    def __call__(self, shape, generator=None, device=None, dtype=None, layout=None):
+        import torch
+
+        a = self.queue.pop(0)
+        assert tuple(a.shape) == tuple(shape), (a.shape, shape)
+        return torch.from_numpy(np.ascontiguousarray(a)).to(dtype or torch.float32)
+
+    def __enter__(self):
+        self.saved = [m.randn_tensor for m in self.modules]
+        for m in self.modules:
+            m.randn_tensor = self
+        return self
+
+    def __exit__(self, *exc):
+        for m, f in zip(self.modules, self.saved):
+            m.randn_tensor = f
+        assert not self.queue or exc[0] is not None, f"{len(self.queue)} injected noise arrays left unused"
+
+
+def make_scheduler_steps(seed: int = 30) -> dict:
+    """For each stage's UnCLIPScheduler config: set_timesteps(n) for n in SET_TIMESTEPS, and single step()s
+    of its default-length chain at positions 0, 1, n // 2, n - 2 and n - 1 (the last: t = 0, prev_timestep
+    None, no noise) as the pipeline calls them (prev_timestep = the next timestep), on fixed model outputs,
+    samples and injected noise. Returns {name: array}."""
+    import torch
+    from diffusers import UnCLIPScheduler
+    from diffusers.schedulers import scheduling_unclip
+
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for stage, kwargs in SCHEDULERS.items():
+        sched = UnCLIPScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", clip_sample=True,
+                                **kwargs)
+        for n in SET_TIMESTEPS:
+            sched.set_timesteps(n)
+            arrays[f"sched/{stage}/timesteps_{n}"] = sched.timesteps.numpy().astype(np.int32)
+        n = SCHEDULER_STEPS[stage]
+        sched.set_timesteps(n)
+        ts = sched.timesteps.numpy()
+        positions = np.asarray([0, 1, n // 2, n - 2, n - 1], np.int32)
+        shape = SCHEDULER_SHAPES[stage]
+        k = len(positions)
+        sample = rng.standard_normal((k,) + shape).astype(np.float32)
+        if stage == "prior":  # x0 predictions, some beyond the clip range 5
+            out = (3.0 * rng.standard_normal((k,) + shape)).astype(np.float32)
+        else:  # eps (and, for the decoder, the variance value v in [-1, 1] on 3 more channels)
+            out = rng.standard_normal((k,) + shape).astype(np.float32)
+            if stage == "decoder":
+                v = rng.uniform(-1, 1, (k,) + shape).astype(np.float32)
+                out = np.concatenate([out, v], axis=2)
+        noise = rng.standard_normal((k,) + shape).astype(np.float32)
+        prev, x0 = [], []
+        for j, i in enumerate(positions):
+            prev_t = None if i + 1 == n else int(ts[i + 1])
+            queue = [noise[j]] if ts[i] > 0 else []
+            with InjectedNoise([scheduling_unclip], queue), torch.no_grad():
+                r = sched.step(torch.from_numpy(out[j]), int(ts[i]), torch.from_numpy(sample[j]), prev_timestep=prev_t)
+            prev.append(r.prev_sample.numpy())
+            x0.append(r.pred_original_sample.numpy())
+        arrays.update({f"sched/{stage}/positions": positions, f"sched/{stage}/model_output": out,
+                       f"sched/{stage}/sample": sample, f"sched/{stage}/noise": noise,
+                       f"sched/{stage}/prev_sample": np.stack(prev), f"sched/{stage}/pred_original_sample":
+                       np.stack(x0)})
+    return arrays
+
+
 def full_size_components() -> dict:
     """The full-size karlo components on the meta device: {component: {class, config, num_tensors,
     num_params, tensors: {name: shape}}}."""
@@ -293,7 +380,7 @@ def main() -> None:
 
     versions = {"torch": torch.__version__, "diffusers": diffusers.__version__,
                 "safetensors": safetensors.__version__, "numpy": np.__version__}
-    only = set(args.only or ["prior", "decoder", "text_proj", "super_res_first", "super_res_last"])
+    only = set(args.only or ["prior", "decoder", "text_proj", "super_res_first", "super_res_last", "schedulers"])
 
     keys = {"format": 1, "components": {}}
     if os.path.exists(KEYS_PATH):
@@ -371,6 +458,21 @@ def main() -> None:
                                       "antialias=True) as UnCLIPPipeline makes it (super_res/upscaled)"},
                 "max_abs": {"output": float(np.abs(arrays[f"{name}/output"]).max())}}
             print(f"tiny {name}: output max |x| {index['components'][name]['max_abs']}")
+    if "schedulers" in only:
+        arrays = {k: v for k, v in arrays.items() if not k.startswith("sched/")}
+        arrays.update(make_scheduler_steps())
+        index["schedulers"] = {
+            "class": "UnCLIPScheduler", "common": {"num_train_timesteps": 1000,
+                                                   "beta_schedule": "squaredcos_cap_v2", "clip_sample": True},
+            "configs": SCHEDULERS, "default_steps": SCHEDULER_STEPS, "set_timesteps": SET_TIMESTEPS,
+            "arrays": {"timesteps_{n}": "scheduler.set_timesteps(n); scheduler.timesteps (int, decreasing)",
+                       "positions": "indices into the default-length chain's timesteps of the recorded steps",
+                       "model_output, sample, noise": "per position (diffusers' NCHW / [B, E]); noise is what "
+                                                      "randn_tensor returned inside step() (unused at t = 0)",
+                       "prev_sample, pred_original_sample": "step(model_output, t, sample, prev_timestep=the next "
+                                                            "timestep, None at the last)"}}
+        print("schedulers: " + ", ".join(f"{s}: {arrays[f'sched/{s}/timesteps_{SCHEDULER_STEPS[s]}'][:3]}..."
+                                         for s in SCHEDULERS))
     index["versions"] = versions
     np.savez_compressed(npz_path, **arrays)
     with open(index_path, "w") as f:

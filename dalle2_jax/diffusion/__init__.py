@@ -35,6 +35,7 @@ from dalle2_jax.diffusion.guidance import cfg_denoiser, cfg_denoiser_batched, co
 from dalle2_jax.diffusion.samplers import (
     analytic_variances,
     ddim_invert,
+    ddpm_step,
     estimate_analytic_gamma,
     repaint_schedule,
     sample_analytic,
@@ -53,18 +54,19 @@ from dalle2_jax.diffusion.schedules import (
     karlo_timesteps,
     make_diffusion,
     respace,
+    unclip_diffusion,
 )
 
 __all__ = [
     "FIXED_VARIANCES", "LOSS_TYPES", "MAX_LOG_STD_DIFF", "MODEL_OUTPUTS", "RESPACE_KINDS", "SCHEDULES",
     "Diffusion", "betas_for", "cosine_alpha_bar", "diffusion_from_betas", "make_diffusion", "karlo_timesteps",
-    "respace",
+    "respace", "unclip_diffusion",
     "extract", "mean_flat", "q_sample", "predict_x0_from_eps", "predict_eps_from_x0", "predict_x0_from_v",
     "predict_eps_from_v", "v_from_x0_eps", "model_output_to_x0_eps", "split_output", "q_posterior",
     "learned_range_log_variance", "fixed_log_variance", "p_mean_variance", "normal_kl", "gaussian_log_likelihood",
     "discretized_gaussian_log_likelihood", "vb_terms_bpd", "training_losses", "min_snr_weight", "sample_timesteps",
     "clip_range", "dynamic_threshold", "process_x0",
-    "sample_ddpm", "sample_ddim", "ddim_invert", "repaint_schedule", "sample_repaint",
+    "ddpm_step", "sample_ddpm", "sample_ddim", "ddim_invert", "repaint_schedule", "sample_repaint",
     "estimate_analytic_gamma", "analytic_variances", "sample_analytic",
     "combine_guidance", "cfg_denoiser", "cfg_denoiser_batched",
 ]

@@ -64,29 +64,53 @@ def _reverse_indices(diff: Diffusion) -> jax.Array:
     return jnp.arange(diff.num_steps - 1, -1, -1, dtype=jnp.int32)
 
 
+def ddpm_step(diff: Diffusion, x: jax.Array, i: jax.Array | int, out: jax.Array, noise: jax.Array, *,
+              variance: str = "small", clip_x0: ClipRange = None,
+              dynamic_threshold: float | None = None) -> tuple[jax.Array, jax.Array]:
+    """One DDPM ancestral step x_i -> x_{i-1} at step index i (scalar) of `diff` from the model output `out`
+    (at the original timestep diff.timesteps[i]) and the given noise [B, ...]. Returns (x_{i-1}, the predicted
+    x0 after clipping). Mean: the posterior mean at the clipped x0; std: exp(log_var / 2) from
+    `p_mean_variance` (learned range or fixed `variance`), 0 at i = 0 (the noise is then unused).
+
+    On `respace(make_diffusion("cosine", 1000, ...), n)` (karlo_timesteps) this is diffusers' UnCLIPScheduler.
+    step with prev_timestep = the next kept timestep: both recompute beta = 1 - abar_t / abar_prev and clip x0
+    before the posterior mean, and the clipped log-variances used here differ from its unclipped ones only at
+    i = 0, where neither adds noise (checked against diffusers in tests/test_karlo_sampling.py).
+    """
+    t = jnp.full((x.shape[0],), i, jnp.int32)
+    mean, log_var, x0 = p_mean_variance(diff, x, t, out, variance=variance, clip_x0=clip_x0,
+                                        dynamic_threshold=dynamic_threshold)
+    std = jnp.where(i > 0, jnp.exp(0.5 * log_var), 0.0)
+    return mean + std * noise, x0
+
+
 def sample_ddpm(diff: Diffusion, denoise_fn: DenoiseFn, shape: tuple[int, ...], key: jax.Array, *,
                 variance: str = "small", clip_x0: ClipRange = None, dynamic_threshold: float | None = None,
-                x_T: jax.Array | None = None) -> jax.Array:
+                x_T: jax.Array | None = None, step_noise: jax.Array | None = None) -> jax.Array:
     """DDPM ancestral sampling (Ho et al. 2020) -> x0 [*shape] float32.
 
     The reverse variance is learned (Improved-DDPM range, from the output's second half) when
     `diff.learned_variance`, else fixed: ``small`` (posterior variance) or ``large`` (beta_t). No noise is added
     at the last step. clip_x0: None, c or (lo, hi); dynamic_threshold: a percentile (0.995 or 99.5).
+    step_noise: [N, *shape], the noise of each step in the order they run (row j at step index N - 1 - j; the
+    last row is unused), instead of draws from `key` (then `key` only draws x_T when x_T is not given).
     """
     if variance not in FIXED_VARIANCES:
         raise ValueError(f"unknown fixed variance {variance!r}; choose one of {FIXED_VARIANCES}")
     key_init, key_loop = jax.random.split(key)
     x = _initial_noise(shape, key_init, x_T)
+    if step_noise is not None and tuple(step_noise.shape) != (diff.num_steps,) + tuple(shape):
+        raise ValueError(f"step_noise has shape {tuple(step_noise.shape)}, want {(diff.num_steps,) + tuple(shape)}")
 
     def step(x, inp):
         i, k = inp
-        t, out = _call(diff, denoise_fn, x, i)
-        mean, log_var, _ = p_mean_variance(diff, x, t, out, variance=variance, clip_x0=clip_x0,
-                                           dynamic_threshold=dynamic_threshold)
-        std = jnp.where(i > 0, jnp.exp(0.5 * log_var), 0.0)
-        return mean + std * jax.random.normal(k, x.shape, jnp.float32), None
+        _, out = _call(diff, denoise_fn, x, i)
+        noise = jax.random.normal(k, x.shape, jnp.float32) if step_noise is None else k.astype(jnp.float32)
+        return ddpm_step(diff, x, i, out, noise, variance=variance, clip_x0=clip_x0,
+                         dynamic_threshold=dynamic_threshold)[0], None
 
-    x, _ = jax.lax.scan(step, x, (_reverse_indices(diff), jax.random.split(key_loop, diff.num_steps)))
+    per_step = jax.random.split(key_loop, diff.num_steps) if step_noise is None else step_noise
+    x, _ = jax.lax.scan(step, x, (_reverse_indices(diff), per_step))
     return x
 
 

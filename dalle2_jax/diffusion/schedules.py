@@ -183,6 +183,62 @@ def karlo_timesteps(n: int, num_steps: int = 1000) -> np.ndarray:
     return np.round(np.arange(n) * (num_steps - 1) / (n - 1)).astype(np.int64)
 
 
+def unclip_diffusion(steps: int, *, model_output: str = "eps", learned_variance: bool = False,
+                     num_train_steps: int = 1000) -> Diffusion:
+    """karlo's sampling chain with diffusers' UnCLIPScheduler arithmetic: the cosine schedule over
+    `num_train_steps`, respaced to `karlo_timesteps(steps)`, every constant computed as the scheduler computes
+    it, in float32 (betas from float64 rounded to float32, alphas = 1 - betas and their cumulative product in
+    float32; per kept step beta = 1 - abar_t / abar_prev, or the stored beta_t where the previous kept step is
+    t - 1, the posterior coefficients and variance from those float32 values; x0 = x_t / sqrt(abar) -
+    sqrt(1 - abar) / sqrt(abar) eps).
+
+    Mathematically this is `respace(make_diffusion("cosine", num_train_steps, ...), steps)`; numerically the
+    float32 rounding of diffusers' constants moves a step by up to ~1e-4 at t = 999 (1 - 0.999 in float32) and
+    ~1e-3 relative at t = 0 (1 - abar_0 loses 3 digits), which this reproduces to ~1e-6 (tests/
+    test_karlo_sampling.py). posterior_log_variance_clipped holds log(max(variance, 1e-20)), unclipped at
+    index 0 as diffusers' learned range has it (no sampler adds noise there).
+    """
+    f32 = np.float32
+    base = diffusion_from_betas(betas_for("cosine", num_train_steps), model_output=model_output,
+                                learned_variance=learned_variance, schedule="cosine")
+    keep = karlo_timesteps(int(steps), num_train_steps)
+    betas_all = np.asarray(betas_for("cosine", num_train_steps), f32)
+    alphas_all = f32(1.0) - betas_all
+    acp_all = np.cumprod(alphas_all, dtype=f32)
+    cols = {k: [] for k in ("beta", "abar", "abar_prev", "c1", "c2", "var", "rx", "rxm1")}
+    for j, t in enumerate(keep):
+        prev = int(keep[j - 1]) if j else -1
+        a_t = acp_all[t]
+        a_prev = acp_all[prev] if prev >= 0 else f32(1.0)
+        b_t, b_prev = f32(1.0) - a_t, f32(1.0) - a_prev
+        if prev == t - 1:
+            beta, alpha = betas_all[t], alphas_all[t]
+        else:
+            beta = f32(1.0) - a_t / a_prev
+            alpha = f32(1.0) - beta
+        cols["beta"].append(beta)
+        cols["abar"].append(a_t)
+        cols["abar_prev"].append(a_prev)
+        cols["c1"].append(a_prev ** f32(0.5) * beta / b_t)
+        cols["c2"].append(alpha ** f32(0.5) * b_prev / b_t)
+        cols["var"].append(b_prev / b_t * beta)
+        cols["rx"].append(f32(1.0) / a_t ** f32(0.5))
+        cols["rxm1"].append(b_t ** f32(0.5) / a_t ** f32(0.5))
+    c = {k: np.asarray(v, f32) for k, v in cols.items()}
+    log_var = np.log(np.maximum(c["var"], f32(1e-20)))
+    new = respace(base, keep)[0]
+    acp_next = np.append(c["abar"][1:], f32(0.0))
+    return dataclasses.replace(
+        new, betas=_frozen32(c["beta"]), alphas_cumprod=_frozen32(c["abar"]),
+        alphas_cumprod_prev=_frozen32(c["abar_prev"]), alphas_cumprod_next=_frozen32(acp_next),
+        sqrt_alphas_cumprod=_frozen32(c["abar"] ** f32(0.5)),
+        sqrt_one_minus_alphas_cumprod=_frozen32((f32(1.0) - c["abar"]) ** f32(0.5)),
+        sqrt_recip_alphas_cumprod=_frozen32(c["rx"]), sqrt_recipm1_alphas_cumprod=_frozen32(c["rxm1"]),
+        posterior_variance=_frozen32(c["var"]), posterior_log_variance_clipped=_frozen32(log_var),
+        posterior_mean_coef1=_frozen32(c["c1"]), posterior_mean_coef2=_frozen32(c["c2"]),
+        schedule="cosine (diffusers UnCLIPScheduler float32)")
+
+
 def _ddim_timesteps(n: int, num_steps: int) -> np.ndarray:
     for stride in range(1, num_steps):
         if len(range(0, num_steps, stride)) == n:
