@@ -38,7 +38,7 @@ It writes
   pipeline component ("prior", "decoder", "text_proj", "super_res_first", "super_res_last"), each with
   the class, its config, the tensor count, the parameter count and the {name: shape} list in state-dict
   order. `--only prior` (or `--only decoder text_proj`, or `--only super_res_first super_res_last`, each
-  pair made together; `--only schedulers` for sched/*) regenerates those components and
+  pair made together; `--only schedulers` for sched/*, `--only guided` for guided/*) regenerates those components and
   keeps the others.
 """
 
@@ -340,6 +340,100 @@ def make_scheduler_steps(seed: int = 30) -> dict:
     return arrays
 
 
+GUIDED_POSITION = 12  # the recorded guided step: position 12 of the 25-step chain (t = 500 -> 458)
+GUIDED_BATCH = 2
+
+
+def _load_tiny(out_dir: str, name: str, cls):
+    """A saved tiny component, in float32 (the stored float16 values exactly)."""
+    return cls.from_pretrained(os.path.join(out_dir, name)).float().eval()
+
+
+def make_guided_steps(out_dir: str, seed: int = 40) -> dict:
+    """One classifier-free-guided denoising step of the saved tiny prior and of the saved tiny decoder (with
+    text_proj), as UnCLIPPipeline.__call__ runs a step of its loops (each with its own UnCLIPScheduler, the
+    default 25-step chain at GUIDED_POSITION, prev_timestep the next timestep): the doubled batch
+    [unconditional, conditional], the unconditional half from the empty caption's encodings (given inputs
+    here: one text embedding, token states and a 2-token mask, repeated per row), guidance 4.0 on the prior's
+    x0 output and 8.0 on the decoder's eps with the variance from the conditional half, the scheduler's noise
+    injected. Returns {name: array}."""
+    import torch
+    import torch.nn.functional as F
+    from diffusers import PriorTransformer, UnCLIPScheduler, UNet2DConditionModel
+    from diffusers.pipelines.deprecated.unclip.text_proj import UnCLIPTextProjModel
+    from diffusers.schedulers import scheduling_unclip
+
+    T = torch.from_numpy
+    rng = np.random.default_rng(seed)
+    b = GUIDED_BATCH
+    arrays = {}
+    with torch.no_grad():
+        # prior
+        prior = _load_tiny(out_dir, "prior", PriorTransformer)
+        e, n = TINY_PRIOR["embedding_dim"], TINY_PRIOR["num_embeddings"]
+        sched = UnCLIPScheduler(**SCHEDULERS["prior"])
+        sched.set_timesteps(SCHEDULER_STEPS["prior"])
+        t, t_prev = int(sched.timesteps[GUIDED_POSITION]), int(sched.timesteps[GUIDED_POSITION + 1])
+        x = rng.standard_normal((b, e)).astype(np.float32)
+        c_emb = (3.0 * rng.standard_normal((b, e))).astype(np.float32)
+        c_states = rng.standard_normal((b, n, e)).astype(np.float32)
+        c_mask = np.arange(n)[None, :] < np.asarray([n, 6])[:, None]
+        u_emb = np.repeat((3.0 * rng.standard_normal((1, e))).astype(np.float32), b, 0)
+        u_states = np.repeat(rng.standard_normal((1, n, e)).astype(np.float32), b, 0)
+        u_mask = np.repeat(np.arange(n)[None, :] < 2, b, 0)
+        noise = rng.standard_normal((b, e)).astype(np.float32)
+        pred = prior(T(np.concatenate([x, x])), timestep=t, proj_embedding=T(np.concatenate([u_emb, c_emb])),
+                     encoder_hidden_states=T(np.concatenate([u_states, c_states])),
+                     attention_mask=T(np.concatenate([u_mask, c_mask]))).predicted_image_embedding
+        p_u, p_c = pred.chunk(2)
+        guided = p_u + 4.0 * (p_c - p_u)
+        with InjectedNoise([scheduling_unclip], [noise]):
+            prev = sched.step(guided, timestep=t, sample=T(x), prev_timestep=t_prev).prev_sample
+        arrays.update({"guided/prior/timesteps": np.asarray([t, t_prev], np.int32), "guided/prior/x_t": x,
+                       "guided/prior/text_emb": c_emb, "guided/prior/text_states": c_states,
+                       "guided/prior/text_mask": c_mask, "guided/prior/uncond_text_emb": u_emb[:1],
+                       "guided/prior/uncond_text_states": u_states[:1], "guided/prior/uncond_text_mask": u_mask[:1],
+                       "guided/prior/noise": noise, "guided/prior/guided_x0": guided.numpy(),
+                       "guided/prior/prev_sample": prev.numpy()})
+
+        # decoder (text_proj's classifier-free-guidance path: the learned null image embedding for the
+        # unconditional half)
+        unet = _load_tiny(out_dir, "decoder", UNet2DConditionModel)
+        text_proj = _load_tiny(out_dir, "text_proj", UnCLIPTextProjModel)
+        e, n, side = TINY_TEXT_PROJ["clip_embeddings_dim"], max(DECODER_TEXT_LENGTHS), TINY_DECODER["sample_size"]
+        sched = UnCLIPScheduler(**SCHEDULERS["decoder"])
+        sched.set_timesteps(SCHEDULER_STEPS["decoder"])
+        t, t_prev = int(sched.timesteps[GUIDED_POSITION]), int(sched.timesteps[GUIDED_POSITION + 1])
+        x = rng.standard_normal((b, 3, side, side)).astype(np.float32)
+        image_emb = rng.standard_normal((b, e)).astype(np.float32)
+        c_emb = (3.0 * rng.standard_normal((b, e))).astype(np.float32)
+        c_states = rng.standard_normal((b, n, e)).astype(np.float32)
+        c_mask = np.arange(n)[None, :] < np.asarray([n, 4])[:, None]
+        u_emb = np.repeat((3.0 * rng.standard_normal((1, e))).astype(np.float32), b, 0)
+        u_states = np.repeat(rng.standard_normal((1, n, e)).astype(np.float32), b, 0)
+        u_mask = np.repeat(np.arange(n)[None, :] < 2, b, 0)
+        noise = rng.standard_normal((b, 3, side, side)).astype(np.float32)
+        context, additive = text_proj(image_embeddings=T(image_emb), prompt_embeds=T(np.concatenate([u_emb, c_emb])),
+                                      text_encoder_hidden_states=T(np.concatenate([u_states, c_states])),
+                                      do_classifier_free_guidance=True)
+        mask = F.pad(T(np.concatenate([u_mask, c_mask])), (TINY_TEXT_PROJ["clip_extra_context_tokens"], 0), value=True)
+        out = unet(sample=T(np.concatenate([x, x])), timestep=t, encoder_hidden_states=context,
+                   class_labels=additive, attention_mask=mask).sample
+        o_u, o_c = out.chunk(2)
+        eps_u, _ = o_u.split(3, dim=1)
+        eps_c, var_c = o_c.split(3, dim=1)
+        guided = torch.cat([eps_u + 8.0 * (eps_c - eps_u), var_c], dim=1)
+        with InjectedNoise([scheduling_unclip], [noise]):
+            prev = sched.step(guided, t, T(x), prev_timestep=t_prev).prev_sample
+        arrays.update({"guided/decoder/timesteps": np.asarray([t, t_prev], np.int32), "guided/decoder/x_t": x,
+                       "guided/decoder/image_emb": image_emb, "guided/decoder/text_emb": c_emb,
+                       "guided/decoder/text_states": c_states, "guided/decoder/text_mask": c_mask,
+                       "guided/decoder/uncond_text_emb": u_emb[:1], "guided/decoder/uncond_text_states": u_states[:1],
+                       "guided/decoder/uncond_text_mask": u_mask[:1], "guided/decoder/noise": noise,
+                       "guided/decoder/guided_output": guided.numpy(), "guided/decoder/prev_sample": prev.numpy()})
+    return arrays
+
+
 def full_size_components() -> dict:
     """The full-size karlo components on the meta device: {component: {class, config, num_tensors,
     num_params, tensors: {name: shape}}}."""
@@ -380,7 +474,8 @@ def main() -> None:
 
     versions = {"torch": torch.__version__, "diffusers": diffusers.__version__,
                 "safetensors": safetensors.__version__, "numpy": np.__version__}
-    only = set(args.only or ["prior", "decoder", "text_proj", "super_res_first", "super_res_last", "schedulers"])
+    only = set(args.only or ["prior", "decoder", "text_proj", "super_res_first", "super_res_last", "schedulers",
+                             "guided"])
 
     keys = {"format": 1, "components": {}}
     if os.path.exists(KEYS_PATH):
@@ -473,6 +568,21 @@ def main() -> None:
                                                             "timestep, None at the last)"}}
         print("schedulers: " + ", ".join(f"{s}: {arrays[f'sched/{s}/timesteps_{SCHEDULER_STEPS[s]}'][:3]}..."
                                          for s in SCHEDULERS))
+    if "guided" in only:
+        arrays = {k: v for k, v in arrays.items() if not k.startswith("guided/")}
+        arrays.update(make_guided_steps(TINY_DIR))
+        index["guided"] = {
+            "position": GUIDED_POSITION, "batch": GUIDED_BATCH, "guidance": {"prior": 4.0, "decoder": 8.0},
+            "description": "one step of UnCLIPPipeline's prior loop (tiny prior) and decoder loop (tiny text_proj + "
+                           "decoder) on the doubled batch [uncond, cond], the uncond half from uncond_text_* "
+                           "(the empty caption's encodings, one row, repeated) and, for the decoder, text_proj's "
+                           "learned null image embedding; guided_x0 = u + 4 (c - u) on the prior's x0, "
+                           "guided_output = cat([eps_u + 8 (eps_c - eps_u), v_c]); prev_sample = "
+                           "scheduler.step(guided, t, x_t, prev_timestep) with `noise` injected",
+            "max_abs": {k: float(np.abs(arrays[f"guided/{k}"]).max())
+                        for k in ("prior/guided_x0", "prior/prev_sample", "decoder/guided_output",
+                                  "decoder/prev_sample")}}
+        print(f"guided steps: max |x| {index['guided']['max_abs']}")
     index["versions"] = versions
     np.savez_compressed(npz_path, **arrays)
     with open(index_path, "w") as f:

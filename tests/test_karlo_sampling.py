@@ -82,3 +82,79 @@ def test_scheduler_steps_match_diffusers(ref, stage):
     assert 1e-5 < float(np.abs(np.asarray(prev) - nhwc(g("prev_sample")[last])).max()) < 3e-3 * clip
     # the steps really differ: the noise is used except at t = 0, and x0 is clipped somewhere
     assert np.abs(g("pred_original_sample")).max() == pytest.approx(clip)
+
+
+def _both_halves(arrays: dict, name: str, b: int) -> dict:
+    """{emb, states, mask}: the doubled batch [uncond rows (the one empty-caption row repeated), cond rows]."""
+    g = lambda k: arrays[f"guided/{name}/{k}"]  # noqa: E731
+    return {k: np.concatenate([np.repeat(g(f"uncond_text_{k}"), b, 0), g(f"text_{k}")])
+            for k in ("emb", "states", "mask")}
+
+
+def test_guided_prior_step_matches_diffusers(ref):
+    """One step of UnCLIPPipeline's prior loop on the tiny prior: the doubled batch [empty caption, caption]
+    through our imported prior, guidance 4 on its x0 output (combine_guidance), then ddpm_step on
+    unclip_diffusion(25) with x0 clipped at 5 and the injected noise: diffusers' guided x0 and next sample
+    within 1e-5 of their scale."""
+    from dalle2_jax.models.prior import build_prior
+    from dalle2_jax.tools import import_karlo as K
+
+    index, arrays = ref
+    g = lambda k: arrays[f"guided/prior/{k}"]  # noqa: E731
+    imported = K.load_prior(os.path.join(TINY, "prior"))
+    m = imported.config.model
+    m.dtype = "float32"
+    model = build_prior(m, int(m.clip_embed_dim), int(m.clip_context_length))
+    x, b = g("x_t"), len(g("x_t"))
+    t, _ = g("timesteps")
+    both = _both_halves(arrays, "prior", b)
+    out = jax.jit(model.apply)(imported.variables, jnp.asarray(np.concatenate([x, x])), jnp.full((2 * b,), t),
+                               jnp.asarray(both["emb"]), jnp.asarray(both["states"]), jnp.asarray(both["mask"]),
+                               jnp.zeros((2 * b,), bool))
+    guided = D.combine_guidance(out[b:], out[:b], 4.0)
+    n, pos = index["schedulers"]["default_steps"]["prior"], index["guided"]["position"]
+    diff = karlo_diffusion("prior", n)
+    i = n - 1 - pos
+    assert diff.timesteps[i] == t
+    prev, _ = D.ddpm_step(diff, jnp.asarray(x), i, guided, jnp.asarray(g("noise")), clip_x0=5.0)
+    err_x0 = float(np.abs(np.asarray(guided) - g("guided_x0")).max())
+    err = float(np.abs(np.asarray(prev) - g("prev_sample")).max())
+    print(f"guided prior step: x0 {err_x0:.2e} (max {np.abs(g('guided_x0')).max():.2f}), next sample {err:.2e}")
+    assert err_x0 < 1e-5 * np.abs(g("guided_x0")).max() and err < 1e-5 * max(1.0, np.abs(g("prev_sample")).max())
+    assert np.abs(g("guided_x0")).max() > 5.0  # the clip acts
+
+
+def test_guided_decoder_step_matches_diffusers(ref):
+    """One step of UnCLIPPipeline's decoder loop on the tiny text_proj + decoder: the doubled batch [the
+    learned null image embedding with the empty caption's encodings, the image embedding with the caption's]
+    through our imported UNet, guidance 8 on eps with the variance value from the conditional half, then
+    ddpm_step on unclip_diffusion(25) (learned range, x0 clipped at 1) with the injected noise: diffusers'
+    guided output and next sample within 1e-5 of their scale."""
+    from dalle2_jax.stages import get_stage_class
+    from dalle2_jax.tools import import_karlo as K
+
+    index, arrays = ref
+    g = lambda k: arrays[f"guided/decoder/{k}"]  # noqa: E731
+    imported = K.load_decoder(os.path.join(TINY, "decoder"), os.path.join(TINY, "text_proj"))
+    imported.config.model.dtype = "float32"
+    stage = get_stage_class("decoder")(imported.config, "")
+    stage.setup_model()
+    x, b = nhwc(g("x_t")), len(g("x_t"))
+    t, _ = g("timesteps")
+    both = _both_halves(arrays, "decoder", b)
+    forward = jax.jit(lambda v, x2, t2, img, emb, st, mask, drop: stage.unet.apply(
+        v, x2, t2, image_emb=img, text_emb=emb, text_states=st, text_mask=mask, drop_image=drop))
+    out = forward(imported.variables, np.concatenate([x, x]), np.full((2 * b,), t, np.int32),
+                  np.concatenate([g("image_emb")] * 2), both["emb"], both["states"], both["mask"],
+                  np.arange(2 * b) < b)
+    guided = D.combine_guidance(out[b:], out[:b], 8.0, learned_variance=True)
+    n, pos = index["schedulers"]["default_steps"]["decoder"], index["guided"]["position"]
+    diff = karlo_diffusion("decoder", n)
+    i = n - 1 - pos
+    assert diff.timesteps[i] == t
+    prev, _ = D.ddpm_step(diff, jnp.asarray(x), i, guided, jnp.asarray(nhwc(g("noise"))), clip_x0=1.0)
+    want_out, want_prev = nhwc(g("guided_output")), nhwc(g("prev_sample"))
+    err_out = float(np.abs(np.asarray(guided) - want_out).max())
+    err = float(np.abs(np.asarray(prev) - want_prev).max())
+    print(f"guided decoder step: output {err_out:.2e} (max {np.abs(want_out).max():.2f}), next sample {err:.2e}")
+    assert err_out < 1e-5 * np.abs(want_out).max() and err < 1e-5 * max(1.0, np.abs(want_prev).max())
