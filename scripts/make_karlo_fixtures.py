@@ -31,15 +31,19 @@ It writes
   upsampling of it) and `super_res_{first,last}/output` (each UNet on cat([x_t, upscaled]));
   `sched/{prior,decoder,super_res}/*`: each of the pipeline's UnCLIPScheduler configs' set_timesteps(n)
   and single step()s on fixed model outputs, samples and injected noise (`InjectedNoise` replaces
-  diffusers' randn_tensor), at the first, second, middle, second-to-last and last positions.
+  diffusers' randn_tensor), at the first, second, middle, second-to-last and last positions;
+  `guided/{prior,decoder}/*`: one classifier-free-guided step of the pipeline's prior / decoder loop;
+- tests/fixtures/karlo_tiny/chain_prior/: a tiny prior sized for the tiny decoder (12-d CLIP, 10 tokens;
+  float16 weights), and `chain/*`: the pipeline's three loops at 2/2/2 steps with every draw injected.
 - tests/fixtures/karlo_tiny/index.json: versions, the inputs' description, the weights' sha256;
 - tests/fixtures/karlo_keys.json: the FULL-SIZE karlo components' tensor names and shapes and their
   configs, from meta-device instantiation (no weights). Its "components" map holds one entry per
   pipeline component ("prior", "decoder", "text_proj", "super_res_first", "super_res_last"), each with
   the class, its config, the tensor count, the parameter count and the {name: shape} list in state-dict
   order. `--only prior` (or `--only decoder text_proj`, or `--only super_res_first super_res_last`, each
-  pair made together; `--only schedulers` for sched/*, `--only guided` for guided/*) regenerates those components and
-  keeps the others.
+  pair made together; `--only schedulers` for sched/*, `--only guided` for guided/*, `--only chain` for
+  chain_prior/ and chain/*) regenerates those components and keeps the others. guided and chain load the
+  saved tiny components, so make those first.
 """
 
 from __future__ import annotations
@@ -434,6 +438,124 @@ def make_guided_steps(out_dir: str, seed: int = 40) -> dict:
     return arrays
 
 
+# the chain's prior: TINY_PRIOR sized to the tiny text_proj / decoder's 12-d CLIP and 10 caption tokens
+TINY_CHAIN_PRIOR = dict(TINY_PRIOR, embedding_dim=TINY_TEXT_PROJ["clip_embeddings_dim"],
+                        num_embeddings=max(DECODER_TEXT_LENGTHS))
+CHAIN_STEPS = {"prior": 2, "decoder": 2, "super_res": 2}
+CHAIN_BATCH = 2
+
+
+def make_chain(out_dir: str, seed: int = 50) -> dict:
+    """Saves a tiny prior sized for the tiny decoder (chain_prior/, float16 weights) and runs UnCLIPPipeline.
+    __call__'s three loops after the text encoder, re-typed from its source (diffusers 0.42.1) with
+    diffusers' own components and UnCLIPSchedulers, on given caption encodings (and the empty caption's, for
+    the unconditional half) with every random draw injected (the three starting latents and each scheduler
+    step's noise): prior (guidance 4) -> post_process_latents -> text_proj (classifier-free) -> decoder
+    (guidance 8) -> clamp(-1, 1) -> bicubic antialias upsampling -> super_res_first on every step but the
+    last, super_res_last on the last; CHAIN_STEPS steps each. Returns {name: array}."""
+    import torch
+    import torch.nn.functional as F
+    from diffusers import PriorTransformer, UnCLIPScheduler, UNet2DConditionModel, UNet2DModel
+    from diffusers.pipelines.deprecated.unclip.text_proj import UnCLIPTextProjModel
+    from diffusers.schedulers import scheduling_unclip
+
+    torch.manual_seed(seed)
+    prior = PriorTransformer(**TINY_CHAIN_PRIOR).eval()
+    _perturb(prior, seed + 1)
+    with torch.no_grad():  # stored as float16: compute with exactly the stored values
+        for p in prior.parameters():
+            p.copy_(p.half().float())
+    prior.half().save_pretrained(os.path.join(out_dir, "chain_prior"), safe_serialization=True)
+    prior.float()
+    text_proj = _load_tiny(out_dir, "text_proj", UnCLIPTextProjModel)
+    decoder = _load_tiny(out_dir, "decoder", UNet2DConditionModel)
+    sr_first = _load_tiny(out_dir, "super_res_first", UNet2DModel)
+    sr_last = _load_tiny(out_dir, "super_res_last", UNet2DModel)
+
+    T = torch.from_numpy
+    rng = np.random.default_rng(seed + 2)
+    b, e, n = CHAIN_BATCH, TINY_CHAIN_PRIOR["embedding_dim"], TINY_CHAIN_PRIOR["num_embeddings"]
+    side, sr_side = TINY_DECODER["sample_size"], TINY_SUPER_RES["sample_size"]
+    c_emb = (3.0 * rng.standard_normal((b, e))).astype(np.float32)
+    c_states = rng.standard_normal((b, n, e)).astype(np.float32)
+    c_mask = np.arange(n)[None, :] < np.asarray([n, 5])[:, None]
+    u_emb = (3.0 * rng.standard_normal((1, e))).astype(np.float32)
+    u_states = rng.standard_normal((1, n, e)).astype(np.float32)
+    u_mask = np.arange(n)[None, :] < 2
+    noise = {"prior": rng.standard_normal((CHAIN_STEPS["prior"], b, e)).astype(np.float32),
+             "decoder": rng.standard_normal((CHAIN_STEPS["decoder"], b, 3, side, side)).astype(np.float32),
+             "super_res": rng.standard_normal((CHAIN_STEPS["super_res"], b, 3, sr_side, sr_side)).astype(np.float32)}
+    # _encode_prompt with classifier-free guidance: [uncond, cond]
+    prompt_embeds = T(np.concatenate([np.repeat(u_emb, b, 0), c_emb]))
+    text_enc_hid_states = T(np.concatenate([np.repeat(u_states, b, 0), c_states]))
+    text_mask = T(np.concatenate([np.repeat(u_mask, b, 0), c_mask]))
+    scheds = {k: UnCLIPScheduler(**SCHEDULERS[k]) for k in SCHEDULERS}
+    # each loop's randn_tensor calls, in order: the starting latents (x 1, init_noise_sigma), then one per step
+    # with t > 0 (noise row j is step j's; the last step draws none)
+    queue = [noise[k][j] for k in ("prior", "decoder", "super_res") for j in range(CHAIN_STEPS[k])]
+    out = {}
+    with InjectedNoise([scheduling_unclip], queue[:0]) as inj, torch.no_grad():
+        def draws(stage):
+            inj.queue = [noise[stage][j] for j in range(1, CHAIN_STEPS[stage])]
+
+        # prior loop
+        sched = scheds["prior"]
+        sched.set_timesteps(CHAIN_STEPS["prior"])
+        ts = sched.timesteps
+        latents = T(noise["prior"][0].copy()) * sched.init_noise_sigma
+        draws("prior")
+        for i, t in enumerate(ts):
+            pred = prior(torch.cat([latents] * 2), timestep=t, proj_embedding=prompt_embeds,
+                         encoder_hidden_states=text_enc_hid_states, attention_mask=text_mask).predicted_image_embedding
+            p_u, p_c = pred.chunk(2)
+            pred = p_u + 4.0 * (p_c - p_u)
+            prev_t = None if i + 1 == ts.shape[0] else ts[i + 1]
+            latents = sched.step(pred, timestep=t, sample=latents, prev_timestep=prev_t).prev_sample
+        image_embeddings = prior.post_process_latents(latents)
+        out["chain/prior/image_emb"] = image_embeddings.numpy()
+
+        # decoder loop
+        hid, additive = text_proj(image_embeddings=image_embeddings, prompt_embeds=prompt_embeds,
+                                  text_encoder_hidden_states=text_enc_hid_states, do_classifier_free_guidance=True)
+        decoder_mask = F.pad(text_mask, (TINY_TEXT_PROJ["clip_extra_context_tokens"], 0), value=True)
+        sched = scheds["decoder"]
+        sched.set_timesteps(CHAIN_STEPS["decoder"])
+        ts = sched.timesteps
+        latents = T(noise["decoder"][0].copy()) * sched.init_noise_sigma
+        draws("decoder")
+        for i, t in enumerate(ts):
+            pred = decoder(sample=torch.cat([latents] * 2), timestep=t, encoder_hidden_states=hid,
+                           class_labels=additive, attention_mask=decoder_mask).sample
+            o_u, o_c = pred.chunk(2)
+            eps_u, _ = o_u.split(3, dim=1)
+            eps_c, var_c = o_c.split(3, dim=1)
+            pred = torch.cat([eps_u + 8.0 * (eps_c - eps_u), var_c], dim=1)
+            prev_t = None if i + 1 == ts.shape[0] else ts[i + 1]
+            latents = sched.step(pred, t, latents, prev_timestep=prev_t).prev_sample
+        image_small = latents.clamp(-1, 1)
+        out["chain/decoder/image"] = image_small.numpy()
+
+        # super-res loop
+        sched = scheds["super_res"]
+        sched.set_timesteps(CHAIN_STEPS["super_res"])
+        ts = sched.timesteps
+        latents = T(noise["super_res"][0].copy()) * sched.init_noise_sigma
+        draws("super_res")
+        upscaled = F.interpolate(image_small, size=[sr_side, sr_side], mode="bicubic", align_corners=False,
+                                 antialias=True)
+        for i, t in enumerate(ts):
+            unet = sr_last if i == ts.shape[0] - 1 else sr_first
+            pred = unet(sample=torch.cat([latents, upscaled], dim=1), timestep=t).sample
+            prev_t = None if i + 1 == ts.shape[0] else ts[i + 1]
+            latents = sched.step(pred, t, latents, prev_timestep=prev_t).prev_sample
+        out["chain/super_res/sample"] = latents.numpy()
+        out["chain/image"] = (latents * 0.5 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+    out.update({"chain/text_emb": c_emb, "chain/text_states": c_states, "chain/text_mask": c_mask,
+                "chain/uncond_text_emb": u_emb, "chain/uncond_text_states": u_states, "chain/uncond_text_mask": u_mask,
+                **{f"chain/{k}/noise": v for k, v in noise.items()}})
+    return out
+
+
 def full_size_components() -> dict:
     """The full-size karlo components on the meta device: {component: {class, config, num_tensors,
     num_params, tensors: {name: shape}}}."""
@@ -475,7 +597,7 @@ def main() -> None:
     versions = {"torch": torch.__version__, "diffusers": diffusers.__version__,
                 "safetensors": safetensors.__version__, "numpy": np.__version__}
     only = set(args.only or ["prior", "decoder", "text_proj", "super_res_first", "super_res_last", "schedulers",
-                             "guided"])
+                             "guided", "chain"])
 
     keys = {"format": 1, "components": {}}
     if os.path.exists(KEYS_PATH):
@@ -583,6 +705,24 @@ def main() -> None:
                         for k in ("prior/guided_x0", "prior/prev_sample", "decoder/guided_output",
                                   "decoder/prev_sample")}}
         print(f"guided steps: max |x| {index['guided']['max_abs']}")
+    if "chain" in only:
+        arrays = {k: v for k, v in arrays.items() if not k.startswith("chain/")}
+        arrays.update(make_chain(TINY_DIR))
+        index["components"]["chain_prior"] = {
+            "class": "PriorTransformer", "config": TINY_CHAIN_PRIOR, "weights_dtype": "float16",
+            "weights_sha256": _sha256(os.path.join(TINY_DIR, "chain_prior", "diffusion_pytorch_model.safetensors"))}
+        index["chain"] = {
+            "steps": CHAIN_STEPS, "batch": CHAIN_BATCH, "guidance": {"prior": 4.0, "decoder": 8.0},
+            "description": "UnCLIPPipeline.__call__'s loops after the text encoder (re-typed from diffusers' source, "
+                           "its own components and schedulers): chain_prior -> post_process_latents (prior/"
+                           "image_emb) -> text_proj + decoder, clamp(-1, 1) (decoder/image) -> bicubic antialias "
+                           "-> super_res_first, super_res_last on the last step (super_res/sample; image = "
+                           "clamp(sample / 2 + 0.5, 0, 1) NHWC); {stage}/noise[0] is the starting latents, "
+                           "[j] step j's scheduler noise (the last step draws none); the unconditional half from "
+                           "uncond_text_* (one row, repeated)",
+            "max_abs": {k: float(np.abs(arrays[f"chain/{k}"]).max())
+                        for k in ("prior/image_emb", "decoder/image", "super_res/sample")}}
+        print(f"chain: max |x| {index['chain']['max_abs']}")
     index["versions"] = versions
     np.savez_compressed(npz_path, **arrays)
     with open(index_path, "w") as f:
