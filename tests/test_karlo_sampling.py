@@ -253,3 +253,105 @@ def test_two_step_chain_matches_diffusers(ref):
     errs["image"] = float(np.abs(image - g("image")).max())
     print("2/2/2-step chain, max |ours - diffusers|:", {k: f"{v:.2e}" for k, v in errs.items()})
     assert max(errs.values()) < 1e-3, errs
+
+
+def test_two_step_chain_through_the_stages_matches_diffusers(ref):
+    """The same 2/2/2-step chain through the stages' own sampling entry points (the karlo configs'
+    diffusion.schedule_arithmetic="unclip", the prior's sampling.clip_x0=5 and raw output, the empty caption's
+    encodings as the unconditional inputs of the prior and the decoder, the decoder's eps-only guidance with the
+    conditional variance, the super-res stage's {"main", "last_step"} params with the last on the final step):
+    make_sampler(...)(..., x_T, step_noise) gives diffusers' image embeddings, decoder image, super-res sample
+    and final image within 1e-3 (measured <= 2e-5)."""
+    from dalle2_jax.stages import get_stage_class
+    from dalle2_jax.tools import import_karlo as K
+
+    index, arrays = ref
+    g = lambda k: arrays[f"chain/{k}"]  # noqa: E731
+    steps = index["chain"]["steps"]
+    text = tuple(jnp.asarray(g(f"text_{k}")) for k in ("emb", "states", "mask"))
+    uncond = tuple(jnp.asarray(g(f"uncond_text_{k}")) for k in ("emb", "states", "mask"))
+
+    def noises(stage):
+        nz = np.stack([nhwc(a) for a in g(f"{stage}/noise")])
+        return jnp.asarray(nz[0]), jnp.asarray(np.concatenate([nz[1:], np.zeros_like(nz[:1])]))
+
+    key = jax.random.key(0)
+    errs = {}
+
+    imported = K.load_prior(os.path.join(TINY, "chain_prior"))
+    cfg = imported.config
+    cfg.model.dtype = "float32"
+    assert cfg.diffusion.schedule_arithmetic == "unclip" and cfg.sampling.clip_x0 == 5.0
+    prior = get_stage_class("prior")(cfg, "")
+    m = cfg.model
+    prior.clip_embed_dim, prior.text_width, prior.context_length = (
+        int(m.clip_embed_dim), int(m.clip_text_width), int(m.clip_context_length))
+    prior._build_prior()
+    prior.emb_mean, prior.emb_std = (np.asarray(imported.stats[k], np.float32).reshape(-1) for k in ("mean", "std"))
+    x_T, step_noise = noises("prior")
+    sample = prior.make_sampler(steps=steps["prior"], guidance_scale=4.0)
+    image_emb = np.asarray(sample(imported.variables, *text, key, None, uncond, x_T, step_noise))
+    errs["prior/image_emb"] = float(np.abs(image_emb - g("prior/image_emb")).max())
+    with pytest.raises(ValueError, match="no learned null embedding"):
+        sample(imported.variables, *text, key)
+
+    imported = K.load_decoder(os.path.join(TINY, "decoder"), os.path.join(TINY, "text_proj"))
+    imported.config.model.dtype = "float32"
+    assert imported.config.diffusion.schedule_arithmetic == "unclip"
+    stage = get_stage_class("decoder")(imported.config, "")
+    stage.setup_model()
+    x_T, step_noise = noises("decoder")
+    sample = stage.make_sampler(steps=steps["decoder"], guidance_scale=8.0, output="model")
+    image_small = np.asarray(sample(imported.variables, jnp.asarray(image_emb), None, key, x_T, text, uncond,
+                                    step_noise))
+    errs["decoder/image"] = float(np.abs(image_small - nhwc(g("decoder/image"))).max())
+
+    imported = K.load_super_res(os.path.join(TINY, "super_res_first"), os.path.join(TINY, "super_res_last"))
+    imported.config.model.dtype = "float32"
+    assert imported.config.model.last_step_model
+    stage = get_stage_class("upsampler")(imported.config, "")
+    stage.setup_model()
+    x_T, step_noise = noises("super_res")
+    # the tiny chain's decoder and super-res are both 16 px (the pipeline samples at super_res_first's
+    # sample_size); karlo's are 64 and 256, the stage's factor 4
+    sample = stage.make_sampler(steps=steps["super_res"], output="model", size=x_T.shape[1])
+    x = np.asarray(sample({"main": imported.first, "last_step": imported.last}, jnp.asarray(image_small), key, x_T,
+                          step_noise))
+    errs["super_res/sample"] = float(np.abs(x - nhwc(g("super_res/sample"))).max())
+    errs["image"] = float(np.abs(np.clip(x * 0.5 + 0.5, 0.0, 1.0) - g("image")).max())
+    # the last step's weights are used: main on every step gives another sample
+    same = np.asarray(sample({"main": imported.first, "last_step": imported.first}, jnp.asarray(image_small), key,
+                             x_T, step_noise))
+    assert float(np.abs(same - nhwc(g("super_res/sample"))).max()) > 1e-3
+    print("2/2/2-step chain through the stages, max |ours - diffusers|:", {k: f"{v:.2e}" for k, v in errs.items()})
+    assert max(errs.values()) < 1e-3, errs
+
+
+def test_schedule_arithmetic_config_key():
+    """diffusion.schedule_arithmetic: "unclip" (the karlo configs) samples on unclip_diffusion, the default
+    on our float64 respacing; unknown values and "unclip" on another schedule are refused by key."""
+    import configs.decoder as dc
+    import configs.prior as pc
+    import configs.upsampler as uc
+    from dalle2_jax.stages.base import sampling_chain, validate_diffusion_keys
+    from dalle2_jax.training.config import ConfigError
+
+    for cfg in (pc.get_config("karlo"), dc.get_config("karlo"), uc.get_config("karlo_64to256")):
+        assert cfg.diffusion.schedule_arithmetic == "unclip"
+        d = cfg.diffusion
+        base = D.make_diffusion(d.schedule, d.num_steps, model_output=d.model_output,
+                                learned_variance=d.learned_variance)
+        got = sampling_chain(base, cfg, 7)
+        want = D.unclip_diffusion(7, model_output=d.model_output, learned_variance=d.learned_variance)
+        np.testing.assert_array_equal(got.timesteps, want.timesteps)
+        np.testing.assert_array_equal(np.asarray(got.sqrt_alphas_cumprod), np.asarray(want.sqrt_alphas_cumprod))
+        validate_diffusion_keys(cfg, ("ddpm", "ddim"))
+        d.schedule_arithmetic = "exact"
+        np.testing.assert_array_equal(sampling_chain(base, cfg, 7).timesteps, D.respace(base, 7)[0].timesteps)
+        d.schedule_arithmetic = "float16"
+        with pytest.raises(ConfigError, match="schedule_arithmetic"):
+            validate_diffusion_keys(cfg, ("ddpm", "ddim"))
+        d.schedule_arithmetic, d.schedule = "unclip", "linear"
+        with pytest.raises(ConfigError, match="schedule_arithmetic"):
+            validate_diffusion_keys(cfg, ("ddpm", "ddim"))
+    assert "schedule_arithmetic" not in pc.get_config("tiny").diffusion  # other configs unchanged
