@@ -355,3 +355,62 @@ def test_schedule_arithmetic_config_key():
         with pytest.raises(ConfigError, match="schedule_arithmetic"):
             validate_diffusion_keys(cfg, ("ddpm", "ddim"))
     assert "schedule_arithmetic" not in pc.get_config("tiny").diffusion  # other configs unchanged
+
+
+def test_bundle_stage_loads_both_super_res_models(ref, tmp_path):
+    """An upsampler bundle stage with model.last_step_model (karlo_64to256) holds two params trees, roles
+    "main" (super_res_first) and "last_step" (super_res_last): load_stage_params restores both exactly as
+    {"main", "last_step"}, which the stage's sampler runs to diffusers' super-res sample (the chain fixture's
+    decoder image in, within 1e-3); a manifest without the last_step role is refused naming the roles."""
+    from dalle2_jax.inference.bundle import BundleError, _save_params, build_stage, load_stage_params
+    from dalle2_jax.tools import import_karlo as K
+    from dalle2_jax.training.config import config_to_json
+
+    index, arrays = ref
+    g = lambda k: arrays[f"chain/{k}"]  # noqa: E731
+    imported = K.load_super_res(os.path.join(TINY, "super_res_first"), os.path.join(TINY, "super_res_last"))
+    cfg = imported.config
+    cfg.model.dtype = "float32"
+    sdir = tmp_path / "sr"
+    sdir.mkdir()
+    (sdir / "config.json").write_text(config_to_json(cfg))
+    for role, tree in (("main", imported.first), ("last_step", imported.last)):
+        _save_params(str(sdir / role), jax.device_get(tree))
+    entry = {"name": "sr", "kind": "upsampler", "dir": "sr",
+             "models": {r: {"params": f"sr/{r}", "dtype": "float32"} for r in ("main", "last_step")}}
+    stage = build_stage("upsampler", cfg, str(sdir), None)
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    params = load_stage_params(str(tmp_path), entry, stage, sharding)
+    assert set(params) == {"main", "last_step"}
+    for role, tree in (("main", imported.first), ("last_step", imported.last)):
+        for a, b in zip(jax.tree.leaves(params[role]), jax.tree.leaves(tree)):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    nz = np.stack([nhwc(a) for a in g("super_res/noise")])
+    x_T, step_noise = jnp.asarray(nz[0]), jnp.asarray(np.concatenate([nz[1:], np.zeros_like(nz[:1])]))
+    sample = stage.make_sampler(steps=index["chain"]["steps"]["super_res"], output="model", size=x_T.shape[1])
+    x = np.asarray(sample(params, jnp.asarray(nhwc(g("decoder/image"))), jax.random.key(0), x_T, step_noise))
+    err = float(np.abs(x - nhwc(g("super_res/sample"))).max())
+    print(f"bundle super-res stage: max |ours - diffusers| {err:.2e}")
+    assert err < 1e-3
+    del entry["models"]["last_step"]
+    with pytest.raises(BundleError, match=r"'sr': its config runs the models \['main', 'last_step'\] but the "
+                                          r"manifest holds \['main'\]"):
+        load_stage_params(str(tmp_path), entry, stage, sharding)
+
+
+def test_cascade_check_pairs_raw_prior_with_raw_decoder():
+    """check_cascade: karlo's prior (model.normalize_embedding=False, raw embeddings) fits karlo's decoder (raw
+    embeddings) and not a unit-norm decoder; a unit-norm prior still refuses a raw decoder."""
+    from dalle2_jax.inference.bundle import check_cascade
+
+    clip = {"name": "clip", "kind": "clip", "interface": {"embed_dim": 8, "context_length": 4, "text_width": 8}}
+
+    def cascade(prior_unit, decoder_unit):
+        return [clip, {"name": "prior", "kind": "prior", "interface": {"embed_dim": 8, "unit_embedding": prior_unit}},
+                {"name": "decoder", "kind": "decoder",
+                 "interface": {"embed_dim": 8, "resolution": 64, "unit_embedding": decoder_unit}}]
+
+    assert check_cascade(cascade(False, False)) == [] and check_cascade(cascade(True, True)) == []
+    assert check_cascade(cascade(False, True)) == ["decoder: takes unit-norm CLIP embeddings but the prior samples "
+                                                   "unnormalised ones (its model.normalize_embedding=False)"]
+    assert "prior samples unit-norm embeddings" in check_cascade(cascade(True, False))[0]
