@@ -414,3 +414,75 @@ def test_cascade_check_pairs_raw_prior_with_raw_decoder():
     assert check_cascade(cascade(False, True)) == ["decoder: takes unit-norm CLIP embeddings but the prior samples "
                                                    "unnormalised ones (its model.normalize_embedding=False)"]
     assert "prior samples unit-norm embeddings" in check_cascade(cascade(True, False))[0]
+
+
+def test_pipeline_feeds_karlo_stages_the_empty_caption(ref):
+    """UnCLIPPipeline over the tiny karlo stages (a bundle assembled in memory; the CLIP text tower stubbed with
+    the chain fixture's encodings, the empty caption -> its unconditional row): sample_prior passes the empty
+    caption's encodings as the prior's unconditional half and decode the captions' and the empty caption's
+    encodings to the clip_text_conditioning decoder -- the same outputs as the stages' samplers given them
+    with the same keys -- and upsample runs the super-res stage's {"main", "last_step"} params."""
+    from types import SimpleNamespace
+
+    from dalle2_jax.inference.bundle import Bundle, LoadedStage
+    from dalle2_jax.inference.pipeline import UnCLIPPipeline
+    from dalle2_jax.stages import get_stage_class
+    from dalle2_jax.tools import import_karlo as K
+
+    index, arrays = ref
+    g = lambda k: arrays[f"chain/{k}"]  # noqa: E731
+    b = index["chain"]["batch"]
+    text = tuple(g(f"text_{k}") for k in ("emb", "states", "mask"))
+    uncond = tuple(g(f"uncond_text_{k}") for k in ("emb", "states", "mask"))
+
+    class Tok:  # caption i -> [[i]], "" -> [[-1]]
+        context_length = 1
+
+        def encode_batch(self, prompts):
+            return np.asarray([[-1 if p == "" else int(p)] for p in prompts], np.int32)
+
+    imp = K.load_prior(os.path.join(TINY, "chain_prior"))
+    imp.config.model.dtype = "float32"
+    prior = get_stage_class("prior")(imp.config, "")
+    m = imp.config.model
+    prior.clip_embed_dim, prior.text_width, prior.context_length = (
+        int(m.clip_embed_dim), int(m.clip_text_width), int(m.clip_context_length))
+    prior._build_prior()
+    prior.emb_mean, prior.emb_std = (np.asarray(imp.stats[k], np.float32).reshape(-1) for k in ("mean", "std"))
+    imd = K.load_decoder(os.path.join(TINY, "decoder"), os.path.join(TINY, "text_proj"))
+    imd.config.model.dtype = "float32"
+    dec = get_stage_class("decoder")(imd.config, "")
+    dec.setup_model()
+    ims = K.load_super_res(os.path.join(TINY, "super_res_first"), os.path.join(TINY, "super_res_last"))
+    ims.config.model.dtype = "float32"
+    sr = get_stage_class("upsampler")(ims.config, "")
+    sr.setup_model()
+    sr_params = {"main": ims.first, "last_step": ims.last}
+    res = int(ims.config.data.resolution)
+    stages = [LoadedStage("clip", "clip", {}, SimpleNamespace(tokenizer=Tok()), None),
+              LoadedStage("prior", "prior", {}, prior, imp.variables),
+              LoadedStage("decoder", "decoder", {}, dec, imd.variables),
+              LoadedStage("sr", "upsampler", {"interface": {"resolution": res}}, sr, sr_params)]
+    pipe = UnCLIPPipeline(Bundle("mem", {}, stages), log=lambda _: None)
+
+    def encode_text(tokens):
+        rows = [uncond if i < 0 else tuple(a[i: i + 1] for a in text) for i in tokens[:, 0]]
+        return tuple(np.concatenate([r[j] for r in rows]) for j in range(3))
+
+    pipe.encode_text = encode_text
+    settings = {"prior": {"steps": 2, "sampler": "ddpm", "guidance_scale": 4.0, "eta": 0.0, "num_candidates": 1},
+                "decoder": {"steps": 2, "sampler": "ddpm", "guidance_scale": 8.0, "eta": 0.0},
+                "sr": {"steps": 2, "sampler": "ddpm", "eta": 0.0}}
+    key = jax.random.key(3)
+    emb = pipe.sample_prior(*text, settings, key, b)
+    want = prior.make_sampler(steps=2, guidance_scale=4.0, sampler="ddpm", num_candidates=1)(
+        imp.variables, *text, jax.random.fold_in(key, 0), None, uncond)
+    np.testing.assert_allclose(emb, np.asarray(want), atol=1e-6, rtol=0)
+    tokens = np.arange(b, dtype=np.int32)[:, None]
+    images = pipe.decode(emb, tokens, settings, key, b)
+    want = dec.make_sampler(steps=2, guidance_scale=8.0, sampler="ddpm")(
+        imd.variables, emb, tokens, jax.random.fold_in(key, 0), None, text, uncond)
+    np.testing.assert_array_equal(images, np.asarray(want))
+    assert images.dtype == np.uint8 and images.shape == (b, 16, 16, 3)
+    up = pipe.upsample(images, settings, lambda i: jax.random.fold_in(key, i), b, {})["sr"]
+    assert up.dtype == np.uint8 and up.shape == (b, 16 * sr.factor, 16 * sr.factor, 3)
