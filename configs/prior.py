@@ -154,6 +154,13 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
             c.sampling.sampler = "ddpm"  # the fixed small variance; diffusers' UnCLIPScheduler, 25 steps
             c.sampling.steps = 25
             c.sampling.num_candidates = 1
+            # sampling as UnCLIPPipeline does: its scheduler's float32 constants, x0 clipped at 5, the
+            # unconditional half from the empty caption's encodings (passed by the caller), the CLIP text
+            # embedding raw (not unit-norm, not scaled) and the sampled image embedding un-standardised only
+            c.diffusion.schedule_arithmetic = "unclip"
+            c.sampling.clip_x0 = 5.0
+            m.embedding_scale = 1.0
+            m.normalize_embedding = False
     else:
         raise ValueError(f"unknown prior config {arg!r}; use tiny, base, paper, karlo or one of "
                          f"{sorted(RELEASED_CLIP_PRIORS)}")

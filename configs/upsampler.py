@@ -149,4 +149,6 @@ def get_config(arg: str = "tiny_64to256") -> ml_collections.ConfigDict:
         c.sampling.sampler = "ddpm"
         c.sampling.steps = 7  # diffusers' UnCLIPPipeline default
         c.sampling.clip_x0 = True
+        c.diffusion.schedule_arithmetic = "unclip"  # diffusers' UnCLIPScheduler float32 constants
+        m.last_step_model = True  # params {"main": super_res_first, "last_step": super_res_last}
     return c

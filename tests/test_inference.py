@@ -134,9 +134,16 @@ def test_load_refuses_incomplete_damaged_or_mismatched_bundles(tiny_bundle, tmp_
         load_bundle(b)
 
     b, m = copy("roles")
+    m["stages"][3]["models"]["refiner"] = m["stages"][3]["models"]["main"]
+    write(b, m)
+    with pytest.raises(BundleError, match="model of role 'refiner'"):
+        load_bundle(b)
+
+    b, m = copy("last_step")  # a known role the stage's config does not run (model.last_step_model False)
     m["stages"][3]["models"]["last_step"] = m["stages"][3]["models"]["main"]
     write(b, m)
-    with pytest.raises(BundleError, match="model of role 'last_step'"):
+    with pytest.raises(BundleError, match=r"upsampler_64to256'?: its config runs the models \['main'\] but the "
+                                          r"manifest holds \['last_step', 'main'\]"):
         load_bundle(b)
 
     b, m = copy("version")

@@ -253,3 +253,236 @@ def test_two_step_chain_matches_diffusers(ref):
     errs["image"] = float(np.abs(image - g("image")).max())
     print("2/2/2-step chain, max |ours - diffusers|:", {k: f"{v:.2e}" for k, v in errs.items()})
     assert max(errs.values()) < 1e-3, errs
+
+
+def test_two_step_chain_through_the_stages_matches_diffusers(ref):
+    """The same 2/2/2-step chain through the stages' own sampling entry points (the karlo configs'
+    diffusion.schedule_arithmetic="unclip", the prior's sampling.clip_x0=5 and raw output, the empty caption's
+    encodings as the unconditional inputs of the prior and the decoder, the decoder's eps-only guidance with the
+    conditional variance, the super-res stage's {"main", "last_step"} params with the last on the final step):
+    make_sampler(...)(..., x_T, step_noise) gives diffusers' image embeddings, decoder image, super-res sample
+    and final image within 1e-3 (measured <= 2e-5)."""
+    from dalle2_jax.stages import get_stage_class
+    from dalle2_jax.tools import import_karlo as K
+
+    index, arrays = ref
+    g = lambda k: arrays[f"chain/{k}"]  # noqa: E731
+    steps = index["chain"]["steps"]
+    text = tuple(jnp.asarray(g(f"text_{k}")) for k in ("emb", "states", "mask"))
+    uncond = tuple(jnp.asarray(g(f"uncond_text_{k}")) for k in ("emb", "states", "mask"))
+
+    def noises(stage):
+        nz = np.stack([nhwc(a) for a in g(f"{stage}/noise")])
+        return jnp.asarray(nz[0]), jnp.asarray(np.concatenate([nz[1:], np.zeros_like(nz[:1])]))
+
+    key = jax.random.key(0)
+    errs = {}
+
+    imported = K.load_prior(os.path.join(TINY, "chain_prior"))
+    cfg = imported.config
+    cfg.model.dtype = "float32"
+    assert cfg.diffusion.schedule_arithmetic == "unclip" and cfg.sampling.clip_x0 == 5.0
+    prior = get_stage_class("prior")(cfg, "")
+    m = cfg.model
+    prior.clip_embed_dim, prior.text_width, prior.context_length = (
+        int(m.clip_embed_dim), int(m.clip_text_width), int(m.clip_context_length))
+    prior._build_prior()
+    prior.emb_mean, prior.emb_std = (np.asarray(imported.stats[k], np.float32).reshape(-1) for k in ("mean", "std"))
+    x_T, step_noise = noises("prior")
+    sample = prior.make_sampler(steps=steps["prior"], guidance_scale=4.0)
+    image_emb = np.asarray(sample(imported.variables, *text, key, None, uncond, x_T, step_noise))
+    errs["prior/image_emb"] = float(np.abs(image_emb - g("prior/image_emb")).max())
+    with pytest.raises(ValueError, match="no learned null embedding"):
+        sample(imported.variables, *text, key)
+
+    imported = K.load_decoder(os.path.join(TINY, "decoder"), os.path.join(TINY, "text_proj"))
+    imported.config.model.dtype = "float32"
+    assert imported.config.diffusion.schedule_arithmetic == "unclip"
+    stage = get_stage_class("decoder")(imported.config, "")
+    stage.setup_model()
+    x_T, step_noise = noises("decoder")
+    sample = stage.make_sampler(steps=steps["decoder"], guidance_scale=8.0, output="model")
+    image_small = np.asarray(sample(imported.variables, jnp.asarray(image_emb), None, key, x_T, text, uncond,
+                                    step_noise))
+    errs["decoder/image"] = float(np.abs(image_small - nhwc(g("decoder/image"))).max())
+
+    imported = K.load_super_res(os.path.join(TINY, "super_res_first"), os.path.join(TINY, "super_res_last"))
+    imported.config.model.dtype = "float32"
+    assert imported.config.model.last_step_model
+    stage = get_stage_class("upsampler")(imported.config, "")
+    stage.setup_model()
+    x_T, step_noise = noises("super_res")
+    # the tiny chain's decoder and super-res are both 16 px (the pipeline samples at super_res_first's
+    # sample_size); karlo's are 64 and 256, the stage's factor 4
+    sample = stage.make_sampler(steps=steps["super_res"], output="model", size=x_T.shape[1])
+    x = np.asarray(sample({"main": imported.first, "last_step": imported.last}, jnp.asarray(image_small), key, x_T,
+                          step_noise))
+    errs["super_res/sample"] = float(np.abs(x - nhwc(g("super_res/sample"))).max())
+    errs["image"] = float(np.abs(np.clip(x * 0.5 + 0.5, 0.0, 1.0) - g("image")).max())
+    # the last step's weights are used: main on every step gives another sample
+    same = np.asarray(sample({"main": imported.first, "last_step": imported.first}, jnp.asarray(image_small), key,
+                             x_T, step_noise))
+    assert float(np.abs(same - nhwc(g("super_res/sample"))).max()) > 1e-3
+    print("2/2/2-step chain through the stages, max |ours - diffusers|:", {k: f"{v:.2e}" for k, v in errs.items()})
+    assert max(errs.values()) < 1e-3, errs
+
+
+def test_schedule_arithmetic_config_key():
+    """diffusion.schedule_arithmetic: "unclip" (the karlo configs) samples on unclip_diffusion, the default
+    on our float64 respacing; unknown values and "unclip" on another schedule are refused by key."""
+    import configs.decoder as dc
+    import configs.prior as pc
+    import configs.upsampler as uc
+    from dalle2_jax.stages.base import sampling_chain, validate_diffusion_keys
+    from dalle2_jax.training.config import ConfigError
+
+    for cfg in (pc.get_config("karlo"), dc.get_config("karlo"), uc.get_config("karlo_64to256")):
+        assert cfg.diffusion.schedule_arithmetic == "unclip"
+        d = cfg.diffusion
+        base = D.make_diffusion(d.schedule, d.num_steps, model_output=d.model_output,
+                                learned_variance=d.learned_variance)
+        got = sampling_chain(base, cfg, 7)
+        want = D.unclip_diffusion(7, model_output=d.model_output, learned_variance=d.learned_variance)
+        np.testing.assert_array_equal(got.timesteps, want.timesteps)
+        np.testing.assert_array_equal(np.asarray(got.sqrt_alphas_cumprod), np.asarray(want.sqrt_alphas_cumprod))
+        validate_diffusion_keys(cfg, ("ddpm", "ddim"))
+        d.schedule_arithmetic = "exact"
+        np.testing.assert_array_equal(sampling_chain(base, cfg, 7).timesteps, D.respace(base, 7)[0].timesteps)
+        d.schedule_arithmetic = "float16"
+        with pytest.raises(ConfigError, match="schedule_arithmetic"):
+            validate_diffusion_keys(cfg, ("ddpm", "ddim"))
+        d.schedule_arithmetic, d.schedule = "unclip", "linear"
+        with pytest.raises(ConfigError, match="schedule_arithmetic"):
+            validate_diffusion_keys(cfg, ("ddpm", "ddim"))
+    assert "schedule_arithmetic" not in pc.get_config("tiny").diffusion  # other configs unchanged
+
+
+def test_bundle_stage_loads_both_super_res_models(ref, tmp_path):
+    """An upsampler bundle stage with model.last_step_model (karlo_64to256) holds two params trees, roles
+    "main" (super_res_first) and "last_step" (super_res_last): load_stage_params restores both exactly as
+    {"main", "last_step"}, which the stage's sampler runs to diffusers' super-res sample (the chain fixture's
+    decoder image in, within 1e-3); a manifest without the last_step role is refused naming the roles."""
+    from dalle2_jax.inference.bundle import BundleError, _save_params, build_stage, load_stage_params
+    from dalle2_jax.tools import import_karlo as K
+    from dalle2_jax.training.config import config_to_json
+
+    index, arrays = ref
+    g = lambda k: arrays[f"chain/{k}"]  # noqa: E731
+    imported = K.load_super_res(os.path.join(TINY, "super_res_first"), os.path.join(TINY, "super_res_last"))
+    cfg = imported.config
+    cfg.model.dtype = "float32"
+    sdir = tmp_path / "sr"
+    sdir.mkdir()
+    (sdir / "config.json").write_text(config_to_json(cfg))
+    for role, tree in (("main", imported.first), ("last_step", imported.last)):
+        _save_params(str(sdir / role), jax.device_get(tree))
+    entry = {"name": "sr", "kind": "upsampler", "dir": "sr",
+             "models": {r: {"params": f"sr/{r}", "dtype": "float32"} for r in ("main", "last_step")}}
+    stage = build_stage("upsampler", cfg, str(sdir), None)
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    params = load_stage_params(str(tmp_path), entry, stage, sharding)
+    assert set(params) == {"main", "last_step"}
+    for role, tree in (("main", imported.first), ("last_step", imported.last)):
+        for a, b in zip(jax.tree.leaves(params[role]), jax.tree.leaves(tree)):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    nz = np.stack([nhwc(a) for a in g("super_res/noise")])
+    x_T, step_noise = jnp.asarray(nz[0]), jnp.asarray(np.concatenate([nz[1:], np.zeros_like(nz[:1])]))
+    sample = stage.make_sampler(steps=index["chain"]["steps"]["super_res"], output="model", size=x_T.shape[1])
+    x = np.asarray(sample(params, jnp.asarray(nhwc(g("decoder/image"))), jax.random.key(0), x_T, step_noise))
+    err = float(np.abs(x - nhwc(g("super_res/sample"))).max())
+    print(f"bundle super-res stage: max |ours - diffusers| {err:.2e}")
+    assert err < 1e-3
+    del entry["models"]["last_step"]
+    with pytest.raises(BundleError, match=r"'sr': its config runs the models \['main', 'last_step'\] but the "
+                                          r"manifest holds \['main'\]"):
+        load_stage_params(str(tmp_path), entry, stage, sharding)
+
+
+def test_cascade_check_pairs_raw_prior_with_raw_decoder():
+    """check_cascade: karlo's prior (model.normalize_embedding=False, raw embeddings) fits karlo's decoder (raw
+    embeddings) and not a unit-norm decoder; a unit-norm prior still refuses a raw decoder."""
+    from dalle2_jax.inference.bundle import check_cascade
+
+    clip = {"name": "clip", "kind": "clip", "interface": {"embed_dim": 8, "context_length": 4, "text_width": 8}}
+
+    def cascade(prior_unit, decoder_unit):
+        return [clip, {"name": "prior", "kind": "prior", "interface": {"embed_dim": 8, "unit_embedding": prior_unit}},
+                {"name": "decoder", "kind": "decoder",
+                 "interface": {"embed_dim": 8, "resolution": 64, "unit_embedding": decoder_unit}}]
+
+    assert check_cascade(cascade(False, False)) == [] and check_cascade(cascade(True, True)) == []
+    assert check_cascade(cascade(False, True)) == ["decoder: takes unit-norm CLIP embeddings but the prior samples "
+                                                   "unnormalised ones (its model.normalize_embedding=False)"]
+    assert "prior samples unit-norm embeddings" in check_cascade(cascade(True, False))[0]
+
+
+def test_pipeline_feeds_karlo_stages_the_empty_caption(ref):
+    """UnCLIPPipeline over the tiny karlo stages (a bundle assembled in memory; the CLIP text tower stubbed with
+    the chain fixture's encodings, the empty caption -> its unconditional row): sample_prior passes the empty
+    caption's encodings as the prior's unconditional half and decode the captions' and the empty caption's
+    encodings to the clip_text_conditioning decoder -- the same outputs as the stages' samplers given them
+    with the same keys -- and upsample runs the super-res stage's {"main", "last_step"} params."""
+    from types import SimpleNamespace
+
+    from dalle2_jax.inference.bundle import Bundle, LoadedStage
+    from dalle2_jax.inference.pipeline import UnCLIPPipeline
+    from dalle2_jax.stages import get_stage_class
+    from dalle2_jax.tools import import_karlo as K
+
+    index, arrays = ref
+    g = lambda k: arrays[f"chain/{k}"]  # noqa: E731
+    b = index["chain"]["batch"]
+    text = tuple(g(f"text_{k}") for k in ("emb", "states", "mask"))
+    uncond = tuple(g(f"uncond_text_{k}") for k in ("emb", "states", "mask"))
+
+    class Tok:  # caption i -> [[i]], "" -> [[-1]]
+        context_length = 1
+
+        def encode_batch(self, prompts):
+            return np.asarray([[-1 if p == "" else int(p)] for p in prompts], np.int32)
+
+    imp = K.load_prior(os.path.join(TINY, "chain_prior"))
+    imp.config.model.dtype = "float32"
+    prior = get_stage_class("prior")(imp.config, "")
+    m = imp.config.model
+    prior.clip_embed_dim, prior.text_width, prior.context_length = (
+        int(m.clip_embed_dim), int(m.clip_text_width), int(m.clip_context_length))
+    prior._build_prior()
+    prior.emb_mean, prior.emb_std = (np.asarray(imp.stats[k], np.float32).reshape(-1) for k in ("mean", "std"))
+    imd = K.load_decoder(os.path.join(TINY, "decoder"), os.path.join(TINY, "text_proj"))
+    imd.config.model.dtype = "float32"
+    dec = get_stage_class("decoder")(imd.config, "")
+    dec.setup_model()
+    ims = K.load_super_res(os.path.join(TINY, "super_res_first"), os.path.join(TINY, "super_res_last"))
+    ims.config.model.dtype = "float32"
+    sr = get_stage_class("upsampler")(ims.config, "")
+    sr.setup_model()
+    sr_params = {"main": ims.first, "last_step": ims.last}
+    res = int(ims.config.data.resolution)
+    stages = [LoadedStage("clip", "clip", {}, SimpleNamespace(tokenizer=Tok()), None),
+              LoadedStage("prior", "prior", {}, prior, imp.variables),
+              LoadedStage("decoder", "decoder", {}, dec, imd.variables),
+              LoadedStage("sr", "upsampler", {"interface": {"resolution": res}}, sr, sr_params)]
+    pipe = UnCLIPPipeline(Bundle("mem", {}, stages), log=lambda _: None)
+
+    def encode_text(tokens):
+        rows = [uncond if i < 0 else tuple(a[i: i + 1] for a in text) for i in tokens[:, 0]]
+        return tuple(np.concatenate([r[j] for r in rows]) for j in range(3))
+
+    pipe.encode_text = encode_text
+    settings = {"prior": {"steps": 2, "sampler": "ddpm", "guidance_scale": 4.0, "eta": 0.0, "num_candidates": 1},
+                "decoder": {"steps": 2, "sampler": "ddpm", "guidance_scale": 8.0, "eta": 0.0},
+                "sr": {"steps": 2, "sampler": "ddpm", "eta": 0.0}}
+    key = jax.random.key(3)
+    emb = pipe.sample_prior(*text, settings, key, b)
+    want = prior.make_sampler(steps=2, guidance_scale=4.0, sampler="ddpm", num_candidates=1)(
+        imp.variables, *text, jax.random.fold_in(key, 0), None, uncond)
+    np.testing.assert_allclose(emb, np.asarray(want), atol=1e-6, rtol=0)
+    tokens = np.arange(b, dtype=np.int32)[:, None]
+    images = pipe.decode(emb, tokens, settings, key, b)
+    want = dec.make_sampler(steps=2, guidance_scale=8.0, sampler="ddpm")(
+        imd.variables, emb, tokens, jax.random.fold_in(key, 0), None, text, uncond)
+    np.testing.assert_array_equal(images, np.asarray(want))
+    assert images.dtype == np.uint8 and images.shape == (b, 16, 16, 3)
+    up = pipe.upsample(images, settings, lambda i: jax.random.fold_in(key, i), b, {})["sr"]
+    assert up.dtype == np.uint8 and up.shape == (b, 16 * sr.factor, 16 * sr.factor, 3)

@@ -47,7 +47,7 @@ logger = logging.getLogger("dalle2_jax.inference")
 FORMAT = "dalle2-jax-bundle"
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
-KNOWN_ROLES = ("main",)
+KNOWN_ROLES = ("main", "last_step")  # last_step: a released upsampler's model for its final step (karlo)
 KINDS = ("clip", "prior", "decoder", "upsampler")
 DTYPES = ("float32", "bfloat16")
 
@@ -111,11 +111,12 @@ def interface(kind: str, stage, clip_model_cfg=None) -> dict:
                 "context_length": int(m.text.context_length), "text_width": int(m.text.width),
                 "vocab_size": int(stage.tokenizer.vocab_size)}
     if kind == "prior":
+        unit = bool(stage.config.model.get("normalize_embedding", True))  # karlo's prior: raw embeddings
         if clip_model_cfg is not None:
             return {"embed_dim": int(clip_model_cfg.embed_dim), "text_width": int(clip_model_cfg.text.width),
-                    "context_length": int(clip_model_cfg.text.context_length), "unit_embedding": True}
+                    "context_length": int(clip_model_cfg.text.context_length), "unit_embedding": unit}
         return {"embed_dim": stage.clip_embed_dim, "text_width": stage.text_width,
-                "context_length": stage.context_length, "unit_embedding": True}
+                "context_length": stage.context_length, "unit_embedding": unit}
     if kind == "decoder":
         out = {"resolution": int(stage.config.data.resolution),
                "unit_embedding": bool(stage.config.model.normalize_embedding)}
@@ -153,9 +154,13 @@ def check_cascade(stages: list[dict]) -> list[str]:
                     problems.append(f"{name}: expects a CLIP {what} of {it[key]}, but the bundle's CLIP has "
                                     f"{clip[key]} (it was trained with another CLIP)")
         if s["kind"] == "decoder":
-            if "prior" in kinds and not it["unit_embedding"]:
-                problems.append(f"{name}: trained on unnormalised CLIP embeddings (model.normalize_embedding="
-                                "False) but the prior samples unit-norm embeddings")
+            prior = [p["interface"] for p in stages if p["kind"] == "prior"]
+            if prior and bool(it["unit_embedding"]) != bool(prior[0].get("unit_embedding", True)):
+                problems.append(
+                    f"{name}: trained on unnormalised CLIP embeddings (model.normalize_embedding=False) but the "
+                    "prior samples unit-norm embeddings" if prior[0].get("unit_embedding", True) else
+                    f"{name}: takes unit-norm CLIP embeddings but the prior samples unnormalised ones "
+                    "(its model.normalize_embedding=False)")
             prev_res, prev_name = it["resolution"], name
         if s["kind"] == "upsampler":
             if prev_res is not None and it["low_res"] != prev_res:
@@ -382,11 +387,49 @@ def verify_files(path: str, manifest: dict, hashes: bool = True) -> None:
                 raise BundleError(f"damaged bundle: {rel} does not match its sha256 in the manifest")
 
 
+def stage_roles(kind: str, config) -> tuple[str, ...]:
+    """The model roles a stage of this config runs: "main", and "last_step" for an upsampler with
+    model.last_step_model (karlo's super_res_last, run on the final step only)."""
+    if kind == "upsampler" and config.model.get("last_step_model", False):
+        return ("main", "last_step")
+    return ("main",)
+
+
+def load_stage_params(path: str, s: dict, stage, sharding) -> Any:
+    """The params of manifest stage entry `s` (its built `stage`), restored with `sharding`: the "main" model's
+    tree, or {role: tree} for a stage that runs several roles (stage_roles; every role has the model's shapes).
+    BundleError when the manifest's roles are not the ones the stage's config runs, or a tree's shapes differ."""
+    import orbax.checkpoint as ocp
+
+    roles = stage_roles(s["kind"], stage.config)
+    if set(s["models"]) != set(roles):
+        raise BundleError(f"stage {s['name']!r}: its config runs the models {list(roles)} but the manifest holds "
+                          f"{sorted(s['models'])}")
+    abstract = abstract_params(stage)
+    out = {}
+    for role in roles:
+        model = s["models"][role]
+        ck = ocp.StandardCheckpointer()
+        params_dir = fileio.path(fileio.join(path, model["params"]))
+        try:
+            stored = ck.metadata(params_dir).item_metadata.tree
+        except Exception as e:  # noqa: BLE001 - orbax raises several kinds for a damaged directory
+            raise BundleError(f"stage {s['name']!r}: unreadable params in {model['params']} ({e})") from None
+        what = s["name"] if role == "main" else f"{s['name']} ({role})"
+        problems = _shape_problems(what, _shape_tree(abstract), _shape_tree(stored))
+        if problems:
+            raise BundleError("; ".join(problems))
+        dt = jnp.dtype(model["dtype"])
+        target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(
+            x.shape, dt if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype, sharding=sharding), abstract)
+        out[role] = ck.restore(params_dir, target)
+        ck.close()
+    return out["main"] if roles == ("main",) else out
+
+
 def load_bundle(path: str, verify_hashes: bool = True, device: Any = None, mesh: Any = None) -> Bundle:
     """Loads every stage of a bundle: params on `device` (default the first device), or replicated over every
     device of `mesh` (for sampling sharded over its batch axes)."""
-    import orbax.checkpoint as ocp
-
     from dalle2_jax.training.config import config_from_json
 
     path = fileio.resolve(path)
@@ -409,21 +452,6 @@ def load_bundle(path: str, verify_hashes: bool = True, device: Any = None, mesh:
             if key in actual and actual[key] != value:
                 raise BundleError(f"stage {s['name']!r}: the manifest says {key}={value} but its config and the "
                                   f"bundle's CLIP give {actual[key]}")
-        model = s["models"]["main"]
-        abstract = abstract_params(stage)
-        ck = ocp.StandardCheckpointer()
-        params_dir = fileio.path(fileio.join(path, model["params"]))
-        try:
-            stored = ck.metadata(params_dir).item_metadata.tree
-        except Exception as e:  # noqa: BLE001 - orbax raises several kinds for a damaged directory
-            raise BundleError(f"stage {s['name']!r}: unreadable params in {model['params']} ({e})") from None
-        problems = _shape_problems(s["name"], _shape_tree(abstract), _shape_tree(stored))
-        if problems:
-            raise BundleError("; ".join(problems))
-        dt = jnp.dtype(model["dtype"])
-        target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(
-            x.shape, dt if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype, sharding=sharding), abstract)
-        params = ck.restore(params_dir, target)
-        ck.close()
+        params = load_stage_params(path, s, stage, sharding)
         loaded.append(LoadedStage(s["name"], s["kind"], s, stage, params))
     return Bundle(path, manifest, loaded)

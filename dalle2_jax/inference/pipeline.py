@@ -251,6 +251,17 @@ class UnCLIPPipeline:
         self.log(f"{name}: {detail} ({dt:.2f}s)")
         return out
 
+    def empty_caption_text(self) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """The empty caption's CLIP text encodings (one row, encode_text's form) when a stage takes them as its
+        unconditional input (karlo's: a prior without a learned null embedding, a decoder with
+        model.clip_text_conditioning); None otherwise."""
+        prior_needs = self.prior is not None and not self.prior.stage.config.model.get("null_text_embedding", True)
+        if not (prior_needs or self.decoder.stage.clip_text_conditioning):
+            return None
+        if ("empty_caption",) not in self._fns:
+            self._fns[("empty_caption",)] = self.encode_text(self.tokenizer.encode_batch([""]))
+        return self._fns[("empty_caption",)]
+
     def sample_prior(self, text_emb, states, valid, settings: dict, key: jax.Array, batch_size: int) -> np.ndarray:
         if self.prior is None:
             raise InputError("this bundle has no prior; text -> image needs one (export with --prior)")
@@ -258,8 +269,11 @@ class UnCLIPPipeline:
         fn = self._fn(("prior", tuple(sorted(s.items()))), lambda: self.prior.stage.make_sampler(
             steps=s["steps"], guidance_scale=s["guidance_scale"], num_candidates=s["num_candidates"],
             sampler=s["sampler"], eta=s["eta"]))
-        return run_batched(lambda t, st, va, i: fn(self.prior.params, t, st, va, jax.random.fold_in(key, i)),
-                           batch_size, text_emb, states, valid, mesh=self.mesh)
+        uncond = None
+        if not self.prior.stage.config.model.get("null_text_embedding", True):
+            uncond = self.empty_caption_text()
+        return run_batched(lambda t, st, va, i: fn(self.prior.params, t, st, va, jax.random.fold_in(key, i), None,
+                                                   uncond), batch_size, text_emb, states, valid, mesh=self.mesh)
 
     def decode(self, emb: np.ndarray, tokens: np.ndarray, settings: dict, key: jax.Array, batch_size: int,
                x_T: np.ndarray | None = None, first_index: int = 0) -> np.ndarray:
@@ -271,6 +285,16 @@ class UnCLIPPipeline:
         fn = self._fn(("decoder", tuple(sorted(s.items()))), lambda: self.decoder.stage.make_sampler(
             steps=s["steps"], guidance_scale=s["guidance_scale"], sampler=s["sampler"], eta=s["eta"]))
         p = self.decoder.params
+        if self.decoder.stage.clip_text_conditioning:  # karlo: the captions' CLIP encodings, the empty one's
+            uncond = self.empty_caption_text()
+            txt, st, va = self.encode_text(tokens)
+            if x_T is None:
+                return run_batched(lambda e, t, a, b, c, i: fn(p, e, t, jax.random.fold_in(key, i), None, (a, b, c),
+                                                               uncond), batch_size, emb, tokens, txt, st, va,
+                                   mesh=self.mesh, first_index=first_index)
+            return run_batched(lambda e, t, x, a, b, c, i: fn(p, e, t, jax.random.fold_in(key, i), x, (a, b, c),
+                                                              uncond), batch_size, emb, tokens, x_T, txt, st, va,
+                               mesh=self.mesh, first_index=first_index)
         if x_T is None:
             return run_batched(lambda e, t, i: fn(p, e, t, jax.random.fold_in(key, i)), batch_size, emb, tokens,
                                mesh=self.mesh, first_index=first_index)

@@ -7,7 +7,7 @@ from typing import Any
 import grain
 import jax
 
-from dalle2_jax import fileio
+from dalle2_jax import diffusion as D, fileio
 from dalle2_jax.text import META_FILE as TOKENIZER_META
 from dalle2_jax.training.config import ConfigError
 
@@ -85,9 +85,31 @@ def validate_clip_workdir(config) -> None:
                           "train one with configs/clip.py first")
 
 
+SCHEDULE_ARITHMETICS = ("exact", "unclip")
+
+
+def sampling_chain(diffusion, config, steps: int):
+    """The respaced chain a stage samples `steps` steps with: our float64 respacing of `diffusion`, or with
+    config.diffusion.schedule_arithmetic "unclip" karlo's chain in diffusers' float32 UnCLIPScheduler
+    arithmetic (D.unclip_diffusion: the same timesteps, constants within float32 rounding)."""
+    d = config.diffusion
+    if d.get("schedule_arithmetic", "exact") == "unclip":
+        return D.unclip_diffusion(int(steps), model_output=d.model_output, learned_variance=bool(d.learned_variance),
+                                  num_train_steps=int(d.num_steps))
+    return D.respace(diffusion, int(steps))[0]
+
+
 def validate_diffusion_keys(config, samplers: tuple[str, ...]) -> None:
-    """Checks config.diffusion (schedule, model_output) and config.sampling (sampler, steps)."""
+    """Checks config.diffusion (schedule, model_output, schedule_arithmetic) and config.sampling (sampler,
+    steps)."""
     d, s = config.diffusion, config.sampling
+    arith = d.get("schedule_arithmetic", "exact")
+    if arith not in SCHEDULE_ARITHMETICS:
+        raise ConfigError("diffusion.schedule_arithmetic", f"unknown {arith!r}; use one of {SCHEDULE_ARITHMETICS}")
+    if arith == "unclip" and (d.schedule != "cosine" or float(d.get("schedule_shift", 1.0)) != 1.0):
+        raise ConfigError("diffusion.schedule_arithmetic", "'unclip' (diffusers' UnCLIPScheduler) is the unshifted "
+                          f"cosine schedule; got schedule {d.schedule!r}, "
+                          f"schedule_shift {d.get('schedule_shift', 1.0)}")
     if d.schedule not in ("cosine", "linear"):
         raise ConfigError("diffusion.schedule", f"unknown schedule {d.schedule!r}; use cosine or linear")
     if d.model_output not in ("x0", "eps", "v"):

@@ -237,9 +237,30 @@ class DecoderStage(FrozenClipMixin, ImageDiffusionStage):
         return self.diffusion_loss(model_fn, to_model_space(images), k_diff)
 
     # --- sampling and evaluation ----------------------------------------------------------------------
-    def guided_denoiser(self, params: Any, image_emb: jax.Array, tokens: jax.Array, guidance_scale: float):
+    def guided_denoiser(self, params: Any, image_emb: jax.Array, tokens: jax.Array, guidance_scale: float,
+                        text: tuple | None = None, uncond_text: tuple | None = None):
         """denoise_fn(x_t, t) with classifier-free guidance: conditional (embedding + caption) against
-        unconditional (null embedding, empty caption), one model call on the doubled batch."""
+        unconditional (null embedding, empty caption), one model call on the doubled batch. A decoder with
+        model.clip_text_conditioning (karlo's) takes the caption as the CLIP's text = (text_emb [B, E], token
+        states [B, L, W], mask [B, L]) and the unconditional half's as uncond_text (one row or B: the empty
+        caption's encodings) beside the learned null image embedding; with a learned variance the guidance acts
+        on eps and the variance comes from the conditional half."""
+        learned = bool(self.config.diffusion.learned_variance)
+        if self.clip_text_conditioning:
+            if text is None or uncond_text is None:
+                raise ValueError("a decoder with model.clip_text_conditioning samples from the CLIP's text "
+                                 "encodings: pass text and uncond_text (the empty caption's)")
+            n = image_emb.shape[0]
+            un = tuple(jnp.broadcast_to(a, (n,) + a.shape[1:]) for a in uncond_text)
+            both = [jnp.concatenate(p) for p in zip(text, un)]
+
+            def clip_model_fn(x, t, drop):  # rows [cond, uncond]; a scale of 1 calls the cond rows only
+                e, st, mk = both if x.shape[0] == 2 * n else text
+                img = jnp.concatenate([image_emb] * (x.shape[0] // n))
+                return self.unet.apply(params, x, t, image_emb=img, text_emb=e, text_states=st, text_mask=mk,
+                                       drop_image=drop)
+
+            return D.cfg_denoiser_batched(clip_model_fn, guidance_scale, learned_variance=learned)
         tokens = self.caption_tokens(tokens)
 
         def model_fn(x, t, drop):
@@ -247,22 +268,27 @@ class DecoderStage(FrozenClipMixin, ImageDiffusionStage):
             return self.unet.apply(params, x, t, image_emb=rep(image_emb), tokens=rep(tokens), drop_image=drop,
                                    drop_text=drop)
 
-        return D.cfg_denoiser_batched(model_fn, guidance_scale,
-                                      learned_variance=bool(self.config.diffusion.learned_variance))
+        return D.cfg_denoiser_batched(model_fn, guidance_scale, learned_variance=learned)
 
     def make_sampler(self, steps: int | None = None, guidance_scale: float | None = None,
-                     sampler: str | None = None, eta: float | None = None, clip_x0: bool | None = None):
-        """A jitted (params, image_emb [B, E], tokens [B, L], key[, x_T]) -> uint8 images [B, R, R, 3]: guided
+                     sampler: str | None = None, eta: float | None = None, clip_x0: bool | None = None,
+                     output: str = "uint8"):
+        """A jitted (params, image_emb [B, E], tokens [B, L], key[, x_T, text, uncond_text, step_noise]) ->
+        uint8 images [B, R, R, 3] (output="model": float32 model-space images clamped to [-1, 1]): guided
         sampling (DDPM with the learned variance, or DDIM) from given image embeddings and captions, starting
-        from x_T [B, R, R, 3] when given (e.g. DDIM-inverted noise) instead of noise drawn from `key`."""
+        from x_T [B, R, R, 3] when given (e.g. DDIM-inverted noise) instead of noise drawn from `key`.
+        text / uncond_text: the CLIP text encodings a clip_text_conditioning decoder (karlo's) takes
+        (guided_denoiser); step_noise [steps, B, R, R, 3]: each DDPM step's noise instead of draws from `key`."""
+        if output not in ("uint8", "model"):
+            raise ValueError(f"output must be 'uint8' or 'model', got {output!r}")
         scale = float(self.config.sampling.guidance_scale if guidance_scale is None else guidance_scale)
         r = int(self.config.data.resolution)
 
-        def sample(params, image_emb, tokens, key, x_T=None):
-            denoise = self.guided_denoiser(params, image_emb, tokens, scale)
+        def sample(params, image_emb, tokens, key, x_T=None, text=None, uncond_text=None, step_noise=None):
+            denoise = self.guided_denoiser(params, image_emb, tokens, scale, text, uncond_text)
             x = self.run_sampler(denoise, (image_emb.shape[0], r, r, 3), key, steps, sampler, eta, x_T=x_T,
-                                 clip_x0=clip_x0)
-            return to_uint8(x)
+                                 clip_x0=clip_x0, step_noise=step_noise)
+            return to_uint8(x) if output == "uint8" else jnp.clip(x, -1.0, 1.0)
 
         return jax.jit(sample)
 

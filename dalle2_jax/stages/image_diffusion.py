@@ -12,7 +12,7 @@ import numpy as np
 from dalle2_jax import diffusion as D
 from dalle2_jax.models.layers import dtype_from_name
 from dalle2_jax.models.transformer import REMAT_POLICIES
-from dalle2_jax.stages.base import Stage, validate_diffusion_keys
+from dalle2_jax.stages.base import Stage, sampling_chain, validate_diffusion_keys
 from dalle2_jax.training.config import ConfigError
 
 SAMPLERS = ("ddpm", "ddim")
@@ -128,19 +128,22 @@ class ImageDiffusionStage(Stage):
                                           shift=float(d.get("schedule_shift", 1.0)))
 
     def sampling_diffusion(self, steps: int | None = None):
-        return D.respace(self.diffusion, int(steps or self.config.sampling.steps))[0]
+        return sampling_chain(self.diffusion, self.config, int(steps or self.config.sampling.steps))
 
     def run_sampler(self, denoise, shape: tuple, key: jax.Array, steps: int | None = None,
                     sampler: str | None = None, eta: float | None = None, x_T: jax.Array | None = None,
-                    clip_x0: bool | None = None) -> jax.Array:
+                    clip_x0: bool | None = None, step_noise: jax.Array | None = None) -> jax.Array:
         """The configured sampler over `denoise(x_t, t)`: model-space images [*shape] float32 (traceable).
-        x_T: the starting noise (default: drawn from `key`); clip_x0 overrides config.sampling.clip_x0."""
+        x_T: the starting noise (default: drawn from `key`); clip_x0 overrides config.sampling.clip_x0;
+        step_noise: each DDPM step's noise [steps, *shape] (D.sample_ddpm) instead of draws from `key`."""
         s = self.config.sampling
         diff = self.sampling_diffusion(steps)
         clip = 1.0 if (s.clip_x0 if clip_x0 is None else clip_x0) else None
         sampler = sampler or s.sampler
         if sampler == "ddpm":
-            return D.sample_ddpm(diff, denoise, shape, key, clip_x0=clip, x_T=x_T)
+            return D.sample_ddpm(diff, denoise, shape, key, clip_x0=clip, x_T=x_T, step_noise=step_noise)
+        if step_noise is not None:
+            raise ValueError("step_noise is for the ddpm sampler")
         return D.sample_ddim(diff, denoise, shape, key, eta=float(s.eta if eta is None else eta), clip_x0=clip,
                              x_T=x_T)
 

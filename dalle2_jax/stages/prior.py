@@ -22,7 +22,7 @@ from dalle2_jax.models.clip import build_clip
 from dalle2_jax.models.layers import ACTIVATIONS
 from dalle2_jax.models.prior import build_prior
 from dalle2_jax.models.transformer import REMAT_POLICIES
-from dalle2_jax.stages.base import (TOKENIZER_DIR, FrozenClipMixin, Stage, validate_clip_workdir,
+from dalle2_jax.stages.base import (TOKENIZER_DIR, FrozenClipMixin, Stage, sampling_chain, validate_clip_workdir,
                                     validate_diffusion_keys)
 from dalle2_jax.text import load_tokenizer
 from dalle2_jax.training.config import ConfigError
@@ -146,9 +146,12 @@ class PriorStage(FrozenClipMixin, Stage):
         return img * self.scale
 
     def from_diffusion(self, x: jax.Array) -> jax.Array:
-        """Inverse of to_diffusion, then unit-normalised: [B, E] -> [B, E]."""
+        """Inverse of to_diffusion, then unit-normalised (unless model.normalize_embedding is False): [B, E] ->
+        [B, E]."""
         if self.config.model.embedding_norm == "standardize":
             x = x * self.emb_std + self.emb_mean
+        if not self.config.model.get("normalize_embedding", True):  # karlo: the raw embedding
+            return x
         return x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + 1e-12)
 
     def setup_model(self) -> None:
@@ -263,18 +266,39 @@ class PriorStage(FrozenClipMixin, Stage):
         return loss, quartile_losses(terms["loss"], t, self.diffusion.num_steps)
 
     # --- sampling and evaluation ----------------------------------------------------------------------
-    def _denoiser(self, params, txt, states, valid, guidance_scale: float):
-        """The guided denoise_fn(x_t, t) for these (already repeated) text conditions."""
+    def _denoiser(self, params, txt, states, valid, guidance_scale: float, uncond=None):
+        """The guided denoise_fn(x_t, t) for these (already repeated) text conditions. The unconditional half
+        is the learned null embedding, or with `uncond` = (text_emb, states, valid) of one row or of every row
+        (karlo: the empty caption's encodings) the model on those inputs, one call on the doubled batch."""
+        if uncond is None:
+            if not self.config.model.get("null_text_embedding", True) and not (
+                    isinstance(guidance_scale, (int, float)) and guidance_scale == 1):
+                raise ValueError("this prior has no learned null embedding (model.null_text_embedding=False): "
+                                 "guidance needs the unconditional inputs (the empty caption's encodings)")
 
-        def model(x_t, t, drop):
-            return self.prior.apply(params, x_t, t, txt * self.scale, states, valid, drop)
+            def model(x_t, t, drop):
+                return self.prior.apply(params, x_t, t, txt * self.scale, states, valid, drop)
 
-        return D.cfg_denoiser(lambda x, t: model(x, t, jnp.zeros((x.shape[0],), bool)),
-                              lambda x, t: model(x, t, jnp.ones((x.shape[0],), bool)), guidance_scale,
-                              learned_variance=self.diffusion.learned_variance)
+            return D.cfg_denoiser(lambda x, t: model(x, t, jnp.zeros((x.shape[0],), bool)),
+                                  lambda x, t: model(x, t, jnp.ones((x.shape[0],), bool)), guidance_scale,
+                                  learned_variance=self.diffusion.learned_variance)
+        n = txt.shape[0]
+        ut, us, uv = (jnp.broadcast_to(a, (n,) + a.shape[1:]) for a in uncond)
+        both = [jnp.concatenate(p) for p in ((txt, ut), (states, us), (valid, uv))]
+
+        def model_fn(x, t, drop):  # rows [cond, uncond]; a scale of 1 calls the cond rows only
+            e, st, va = both if x.shape[0] == 2 * n else (txt, states, valid)
+            return self.prior.apply(params, x, t, e * self.scale, st, va, jnp.zeros((x.shape[0],), bool))
+
+        return D.cfg_denoiser_batched(model_fn, guidance_scale, learned_variance=self.diffusion.learned_variance)
 
     def sampling_diffusion(self, steps: int | None = None):
-        return D.respace(self.diffusion, int(steps or self.config.sampling.steps))[0]
+        return sampling_chain(self.diffusion, self.config, int(steps or self.config.sampling.steps))
+
+    def sampling_clip(self):
+        """config.sampling.clip_x0: the range the predicted x0 is clipped to (karlo: 5.0), None when 0/absent."""
+        c = float(self.config.sampling.get("clip_x0", 0.0) or 0.0)
+        return c or None
 
     def make_gamma_estimator(self, steps: int | None = None, guidance_scale: float | None = None):
         """For the analytic sampler: a jitted (params, image_emb [B,E] unit, txt, states, valid, key) -> Gamma
@@ -291,9 +315,13 @@ class PriorStage(FrozenClipMixin, Stage):
 
     def make_sampler(self, steps: int | None = None, guidance_scale: float | None = None,
                      num_candidates: int | None = None, sampler: str | None = None, eta: float | None = None):
-        """A jitted (params, text_emb [B,E] unit, states [B,L,W], valid [B,L], key[, gamma]) -> unit image
-        embeddings [B, E]: guided sampling of `num_candidates` per caption, keeping the one with the highest
-        dot product with the text embedding. The analytic sampler also takes Gamma (make_gamma_estimator)."""
+        """A jitted (params, text_emb [B,E] unit, states [B,L,W], valid [B,L], key[, gamma, uncond, x_T,
+        step_noise]) -> unit image embeddings [B, E]: guided sampling of `num_candidates` per caption, keeping
+        the one with the highest dot product with the text embedding. The analytic sampler also takes Gamma
+        (make_gamma_estimator). uncond: (text_emb, states, valid) of the unconditional half, one row or B
+        (karlo's prior: the empty caption's encodings; required without a learned null embedding); x_T [B*k, E]
+        and step_noise [steps, B*k, E] (ddpm) replace the draws from `key`; x0 is clipped at sampling.clip_x0
+        (karlo: 5) when set; model.normalize_embedding False (karlo) gives the raw embedding."""
         s = self.config.sampling
         sampler = sampler or s.sampler
         scale_g = float(s.guidance_scale if guidance_scale is None else guidance_scale)
@@ -301,17 +329,23 @@ class PriorStage(FrozenClipMixin, Stage):
         eta = float(s.eta if eta is None else eta)
         diff = self.sampling_diffusion(steps)
 
-        def sample(params, txt, states, valid, key, gamma=None):
+        clip = self.sampling_clip()
+
+        def sample(params, txt, states, valid, key, gamma=None, uncond=None, x_T=None, step_noise=None):
             b = txt.shape[0]
             rep = lambda x: jnp.repeat(x, k, axis=0)  # noqa: E731
-            denoise = self._denoiser(params, rep(txt), rep(states), rep(valid), scale_g)
+            if uncond is not None:
+                uncond = tuple(a if a.shape[0] == 1 else rep(a) for a in uncond)
+            denoise = self._denoiser(params, rep(txt), rep(states), rep(valid), scale_g, uncond)
             shape = (b * k, self.clip_embed_dim)
+            if step_noise is not None and sampler != "ddpm":
+                raise ValueError("step_noise is for the ddpm sampler")
             if sampler == "ddim":
-                x0 = D.sample_ddim(diff, denoise, shape, key, eta=eta)
+                x0 = D.sample_ddim(diff, denoise, shape, key, eta=eta, clip_x0=clip, x_T=x_T)
             elif sampler == "ddpm":
-                x0 = D.sample_ddpm(diff, denoise, shape, key)
+                x0 = D.sample_ddpm(diff, denoise, shape, key, clip_x0=clip, x_T=x_T, step_noise=step_noise)
             else:
-                x0 = D.sample_analytic(diff, denoise, shape, key, gamma=gamma, eta=eta)
+                x0 = D.sample_analytic(diff, denoise, shape, key, gamma=gamma, eta=eta, clip_x0=clip, x_T=x_T)
             cand = self.from_diffusion(x0).reshape(b, k, -1)
             best = jnp.argmax(jnp.einsum("bke,be->bk", cand, txt), axis=1)
             return jnp.take_along_axis(cand, best[:, None, None], axis=1)[:, 0]

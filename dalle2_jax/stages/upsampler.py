@@ -119,23 +119,50 @@ class UpsamplerStage(ImageDiffusionStage):
         return self.diffusion_loss(model_fn, to_model_space(batch["high"]), k_diff)
 
     # --- sampling and evaluation ----------------------------------------------------------------------
-    def _denoiser(self, params: Any, low_uint8: jax.Array, key: jax.Array):
-        """(denoise_fn, key for the sampler) conditioned on the (noise-level-augmented) low-res images."""
+    @property
+    def last_step_model(self) -> bool:
+        """model.last_step_model (karlo's super-res): the stage holds two weight sets of this UNet, params =
+        {"main": every step but the last, "last_step": the last step's} (karlo: super_res_first, super_res_last)."""
+        return bool(self.config.model.get("last_step_model", False))
+
+    def _denoiser(self, params: Any, low: jax.Array, key: jax.Array, last_timestep: int | None = None):
+        """(denoise_fn, key for the sampler) conditioned on the (noise-level-augmented) low-res images: uint8, or
+        float model-space images in [-1, 1] (karlo hands the decoder's clamped float output on). With
+        model.last_step_model the step at `last_timestep` runs params["last_step"], the others params["main"]."""
         level = int(self.config.sampling.noise_level) if self.config.model.max_noise_level else 0
         k_noise, k_sample = jax.random.split(key)
-        levels = jnp.full((low_uint8.shape[0],), level, jnp.int32)
-        low = self.noised_low_res(to_model_space(low_uint8), levels, k_noise)
-        return (lambda x, t: self.unet.apply(params, x, t, low_res=low, noise_level=levels)), k_sample
+        levels = jnp.full((low.shape[0],), level, jnp.int32)
+        low = low.astype(jnp.float32) if jnp.issubdtype(low.dtype, jnp.floating) else to_model_space(low)
+        low = self.noised_low_res(low, levels, k_noise)
+        if not self.last_step_model:
+            return (lambda x, t: self.unet.apply(params, x, t, low_res=low, noise_level=levels)), k_sample
+        if set(params) != {"main", "last_step"}:
+            raise ValueError(f"model.last_step_model: params must be {{'main', 'last_step'}}, got {sorted(params)}")
 
-    def make_sampler(self, steps: int | None = None, sampler: str | None = None, eta: float | None = None):
-        """A jitted (params, low uint8 [B, h, w, 3], key) -> uint8 [B, h*f, w*f, 3]: sampling at the size the
-        low-res input implies (full size at evaluation, any multiple of the UNet's downsampling)."""
+        def denoise(x, t):
+            run = lambda p: self.unet.apply(p, x, t, low_res=low, noise_level=levels)  # noqa: E731
+            return jax.lax.cond(t[0] == last_timestep, lambda: run(params["last_step"]), lambda: run(params["main"]))
 
-        def sample(params, low_uint8, key):
-            b, h, w, _ = low_uint8.shape
-            denoise, k_sample = self._denoiser(params, low_uint8, key)
-            x = self.run_sampler(denoise, (b, h * self.factor, w * self.factor, 3), k_sample, steps, sampler, eta)
-            return to_uint8(x)
+        return denoise, k_sample
+
+    def make_sampler(self, steps: int | None = None, sampler: str | None = None, eta: float | None = None,
+                     output: str = "uint8", size: int | None = None):
+        """A jitted (params, low [B, h, w, 3], key[, x_T, step_noise]) -> uint8 [B, h*f, w*f, 3] (output="model":
+        float32 model-space images, unclamped): sampling at the size the low-res input implies (full size at
+        evaluation, any multiple of the UNet's downsampling), or at `size` x `size` whatever the input's size
+        (diffusers' UnCLIPPipeline samples at the super-res UNet's sample_size). low: uint8, or float
+        model-space images; x_T and step_noise [steps, ...] (ddpm) replace the draws from `key`."""
+        if output not in ("uint8", "model"):
+            raise ValueError(f"output must be 'uint8' or 'model', got {output!r}")
+        last_t = int(self.sampling_diffusion(steps).timesteps[0])  # the final step's timestep
+
+        def sample(params, low, key, x_T=None, step_noise=None):
+            b, h, w, _ = low.shape
+            denoise, k_sample = self._denoiser(params, low, key, last_t)
+            out_h, out_w = (size, size) if size else (h * self.factor, w * self.factor)
+            x = self.run_sampler(denoise, (b, out_h, out_w, 3), k_sample, steps, sampler, eta, x_T=x_T,
+                                 step_noise=step_noise)
+            return to_uint8(x) if output == "uint8" else x
 
         return jax.jit(sample)
 
@@ -143,8 +170,10 @@ class UpsamplerStage(ImageDiffusionStage):
         """A jitted (params, low uint8 [B, h, w, 3], known uint8 [B, h*f, w*f, 3], keep [B, h*f, w*f] bool, key)
         -> uint8 [B, h*f, w*f, 3]: RePaint upsampling that keeps the known high-res pixels where `keep`."""
 
+        last_t = int(self.sampling_diffusion(steps).timesteps[0])
+
         def inpaint(params, low_uint8, known, keep, key):
-            denoise, k_sample = self._denoiser(params, low_uint8, key)
+            denoise, k_sample = self._denoiser(params, low_uint8, key, last_t)
             return to_uint8(self.run_repaint(denoise, known, keep, k_sample, steps, resample, jump_length))
 
         return jax.jit(inpaint)
