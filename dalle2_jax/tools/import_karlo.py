@@ -387,6 +387,22 @@ class DecoderDims:
         return tuple(self.image_size // 2 ** lvl for lvl, a in enumerate(self.attention) if a)
 
 
+def _norm_and_time_options(cfg: dict, mc: int, where: str) -> tuple[int, str]:
+    """(norm_num_groups, resnet_time_scale_shift) of a diffusers UNet config, refusing what our UNet cannot
+    express (shared by the decoder and the super-res models)."""
+    groups = int(cfg.get("norm_num_groups", 32))
+    if mc < 4 * groups:
+        raise InputError(f"{where}: norm_num_groups {groups} with block_out_channels[0] = {mc}: our GroupNorm "
+                         "keeps at least 4 channels per group (use >= 4 x norm_num_groups channels)")
+    shift = cfg.get("resnet_time_scale_shift", "default")
+    if shift not in _SCALE_SHIFT:
+        raise InputError(f"{where}: resnet_time_scale_shift is {shift!r}; our UNet has {sorted(_SCALE_SHIFT)}")
+    ted = cfg.get("time_embedding_dim")
+    if ted is not None and int(ted) != 4 * mc:
+        raise InputError(f"{where}: time_embedding_dim is {ted}; ours is 4 x block_out_channels[0] = {4 * mc}")
+    return groups, shift
+
+
 def decoder_dims(cfg: dict, text_cfg: dict, where: str = "decoder/config.json",
                  text_where: str = "text_proj/config.json") -> DecoderDims:
     """The sizes of the decoder a diffusers UNet2DConditionModel config (dict) and its UnCLIPTextProjModel
@@ -427,16 +443,7 @@ def decoder_dims(cfg: dict, text_cfg: dict, where: str = "decoder/config.json",
     for lvl, c in enumerate(boc):
         if attention[lvl] and (c < head or c % head):
             raise InputError(f"{where}: attention_head_dim {head} does not divide block_out_channels[{lvl}] = {c}")
-    groups = int(cfg.get("norm_num_groups", 32))
-    if mc < 4 * groups:
-        raise InputError(f"{where}: norm_num_groups {groups} with block_out_channels[0] = {mc}: our GroupNorm "
-                         "keeps at least 4 channels per group (use >= 4 x norm_num_groups channels)")
-    shift = cfg.get("resnet_time_scale_shift", "default")
-    if shift not in _SCALE_SHIFT:
-        raise InputError(f"{where}: resnet_time_scale_shift is {shift!r}; our UNet has {sorted(_SCALE_SHIFT)}")
-    ted = cfg.get("time_embedding_dim")
-    if ted is not None and int(ted) != 4 * mc:
-        raise InputError(f"{where}: time_embedding_dim is {ted}; ours is 4 x block_out_channels[0] = {4 * mc}")
+    groups, shift = _norm_and_time_options(cfg, mc, where)
     out = int(cfg["out_channels"])
     if out not in (3, 6):
         raise InputError(f"{where}: out_channels is {out}; our UNet has 3 (eps) or 6 (eps + learned variance)")
@@ -700,16 +707,7 @@ def super_res_dims(cfg: dict, where: str = "super_res_first/config.json") -> Sup
     lpb = cfg["layers_per_block"]
     if not isinstance(lpb, int):
         raise InputError(f"{where}: layers_per_block is {lpb!r}; our UNet has one count for every level")
-    groups = int(cfg.get("norm_num_groups", 32))
-    if mc < 4 * groups:
-        raise InputError(f"{where}: norm_num_groups {groups} with block_out_channels[0] = {mc}: our GroupNorm "
-                         "keeps at least 4 channels per group (use >= 4 x norm_num_groups channels)")
-    shift = cfg.get("resnet_time_scale_shift", "default")
-    if shift not in _SCALE_SHIFT:
-        raise InputError(f"{where}: resnet_time_scale_shift is {shift!r}; our UNet has {sorted(_SCALE_SHIFT)}")
-    ted = cfg.get("time_embedding_dim")
-    if ted is not None and int(ted) != 4 * mc:
-        raise InputError(f"{where}: time_embedding_dim is {ted}; ours is 4 x block_out_channels[0] = {4 * mc}")
+    groups, shift = _norm_and_time_options(cfg, mc, where)
     size = cfg.get("sample_size")
     if size is not None:
         if not isinstance(size, int):
