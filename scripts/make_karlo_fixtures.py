@@ -556,6 +556,362 @@ def make_chain(out_dir: str, seed: int = 50) -> dict:
     return out
 
 
+# ---- the complete UnCLIPPipeline folder (pipeline/) with a tiny CLIP text encoder, tokenizer and image encoder ----
+
+# karlo's text encoder (openai/clip-vit-large-patch14's text config: quick_gelu, 1e-5, causal, the legacy
+# eos_token_id 2 = pooling at argmax(input_ids), i.e. the first EOT) at tiny sizes; CLIP's real vocabulary
+TINY_TEXT_ENCODER = dict(vocab_size=49408, hidden_size=12, intermediate_size=24, projection_dim=12,
+                         num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=10,
+                         hidden_act="quick_gelu", layer_norm_eps=1e-5, attention_dropout=0.0, initializer_range=0.02,
+                         initializer_factor=1.0, pad_token_id=1, bos_token_id=0, eos_token_id=2)
+# karlo-v1-alpha-image-variations' image encoder (clip-vit-large-patch14's vision config) at tiny sizes
+TINY_IMAGE_ENCODER = dict(image_size=32, patch_size=8, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                          num_attention_heads=2, projection_dim=12, num_channels=3, hidden_act="quick_gelu",
+                          layer_norm_eps=1e-5, attention_dropout=0.0, initializer_range=0.02, initializer_factor=1.0)
+OPENAI_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+OPENAI_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+TINY_FEATURE_EXTRACTOR = dict(do_resize=True, size={"shortest_edge": 32}, resample=3, do_center_crop=True,
+                              crop_size={"height": 32, "width": 32}, do_rescale=True, rescale_factor=1 / 255,
+                              do_normalize=True, image_mean=OPENAI_CLIP_MEAN, image_std=OPENAI_CLIP_STD,
+                              do_convert_rgb=True)
+TOKENIZER_MAX_LENGTH = 10  # = TINY_TEXT_ENCODER's max_position_embeddings = the chain prior's num_embeddings
+CLIP_NUM_MERGES = 49152 - 256 - 2  # OpenAI's / HF's CLIP vocabulary: 49408 entries
+# the prompts: one with a non-final '!' (CLIP id 0, the package's padding id) and one cut at 10 tokens
+PIPE_PROMPTS = ["a red cube!~", "a small green ball on a wooden kitchen table"]
+PIPE_STEPS = {"prior": 2, "decoder": 2, "super_res": 2}
+PIPE_GUIDANCE = {"prior": 4.0, "decoder": 8.0}
+# the pipeline's super-res side: karlo's factor 4 over the decoder's side (karlo: 64 -> 256). The UNets are
+# convolutional; only super_res_first's config sample_size (which sizes the pipeline's super-res latents and
+# the upsampled image) differs from the super_res_first/ folder's 16.
+PIPE_SUPER_RES_SIDE = 4 * TINY_DECODER["sample_size"]
+VAR_IMAGE_HW = (40, 48)
+
+
+def _bytes_to_unicode() -> dict:
+    """OpenAI's / HF's CLIP byte -> printable unicode symbol map (GPT-2's)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\xa1"), ord("\xac") + 1)) + list(
+        range(ord("\xae"), ord("\xff") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, [chr(c) for c in cs]))
+
+
+def write_clip_tokenizer_files(out_dir: str) -> None:
+    """Writes HF's CLIPTokenizer files offline from the package's copy of OpenAI's merges: vocab.json (the 256
+    byte symbols, each with </w>, the first 48894 merges joined, <|startoftext|>, <|endoftext|>: 49408) and
+    merges.txt (a '#version: 0.2' header, then those merges), tokenizer_config.json and special_tokens_map.json
+    as karlo-v1-alpha's tokenizer/ has them (pad <|endoftext|>), model_max_length TOKENIZER_MAX_LENGTH."""
+    import gzip
+
+    os.makedirs(out_dir, exist_ok=True)
+    bpe = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "dalle2_jax", "assets",
+                       "bpe_simple_vocab_16e6.txt.gz")
+    with open(bpe, "rb") as f:
+        merges = gzip.decompress(f.read()).decode("utf-8").split("\n")[1: CLIP_NUM_MERGES + 1]
+    symbols = list(_bytes_to_unicode().values())
+    vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m.split()) for m in merges] + [
+        "<|startoftext|>", "<|endoftext|>"]
+    assert len(vocab) == len(set(vocab)) == 49408
+    with open(os.path.join(out_dir, "vocab.json"), "w", encoding="utf-8") as f:
+        json.dump({t: i for i, t in enumerate(vocab)}, f, ensure_ascii=False)
+    with open(os.path.join(out_dir, "merges.txt"), "w", encoding="utf-8") as f:
+        f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
+    special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
+               "unk_token": "<|endoftext|>"}
+    with open(os.path.join(out_dir, "special_tokens_map.json"), "w") as f:
+        json.dump(special, f, indent=2)
+        f.write("\n")
+    with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
+        json.dump({**special, "add_prefix_space": False, "do_lower_case": True, "errors": "replace",
+                   "model_max_length": TOKENIZER_MAX_LENGTH, "tokenizer_class": "CLIPTokenizer"}, f, indent=2)
+        f.write("\n")
+
+
+def _stored_fp16(model):
+    """Rounds a float32 model's parameters to float16 in place (it then holds exactly the stored values)."""
+    import torch
+
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(p.half().float())
+            assert bool((p != 0).all()), name
+    return model
+
+
+def _pipe_text_inputs(tokenizer, prompts):
+    t = tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                  return_tensors="pt")
+    return t.input_ids, t.attention_mask.bool()
+
+
+def make_pipeline(out_dir: str, seed: int = 60) -> dict:
+    """Writes out_dir/pipeline/, a complete UnCLIPPipeline folder (save_pretrained's layout, as
+    kakaobrain/karlo-v1-alpha), from the saved tiny components (prior = chain_prior/, text_proj/, decoder/,
+    super_res_first/ with sample_size PIPE_SUPER_RES_SIDE, super_res_last/: the same stored weights), a tiny
+    perturbed CLIPTextModelWithProjection (float16), the CLIPTokenizer built offline and karlo's three
+    UnCLIPScheduler configs. Returns the pipe/* arrays: the tokenizer's and text encoder's outputs on
+    PIPE_PROMPTS and "", and one UnCLIPPipeline.__call__ run (from_pretrained, upcast to float32) with given
+    latents and every scheduler draw injected, plus its intermediates."""
+    import shutil
+
+    import torch
+    import torch.nn.functional as F
+    from diffusers import (PriorTransformer, UnCLIPPipeline, UnCLIPScheduler, UNet2DConditionModel,
+                           UNet2DModel)
+    from diffusers.pipelines.deprecated.unclip import pipeline_unclip
+    from diffusers.pipelines.deprecated.unclip.text_proj import UnCLIPTextProjModel
+    from diffusers.schedulers import scheduling_unclip
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
+
+    pipe_dir = os.path.join(out_dir, "pipeline")
+    if os.path.exists(pipe_dir):
+        shutil.rmtree(pipe_dir)
+    tok_src = os.path.join(out_dir, "_tokenizer_src")
+    write_clip_tokenizer_files(tok_src)
+    tokenizer = CLIPTokenizer.from_pretrained(tok_src)
+    assert tokenizer.model_max_length == TOKENIZER_MAX_LENGTH and tokenizer.pad_token == "<|endoftext|>"
+
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModelWithProjection(CLIPTextConfig(**TINY_TEXT_ENCODER)).eval()
+    _perturb_weights(text_encoder, seed + 1)
+    _stored_fp16(text_encoder)
+
+    f16 = dict(torch_dtype=torch.float16)
+    prior = PriorTransformer.from_pretrained(os.path.join(out_dir, "chain_prior"), **f16)
+    decoder = UNet2DConditionModel.from_pretrained(os.path.join(out_dir, "decoder"), **f16)
+    text_proj = UnCLIPTextProjModel.from_pretrained(os.path.join(out_dir, "text_proj"))  # stored float32
+    sr_first = UNet2DModel.from_pretrained(os.path.join(out_dir, "super_res_first"), **f16)
+    sr_first.register_to_config(sample_size=PIPE_SUPER_RES_SIDE)
+    sr_last = UNet2DModel.from_pretrained(os.path.join(out_dir, "super_res_last"), **f16)
+    scheds = {k: UnCLIPScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", clip_sample=True, **v)
+              for k, v in SCHEDULERS.items()}
+    pipe = UnCLIPPipeline(prior=prior, decoder=decoder, text_encoder=text_encoder.half(), tokenizer=tokenizer,
+                          text_proj=text_proj, super_res_first=sr_first, super_res_last=sr_last,
+                          prior_scheduler=scheds["prior"], decoder_scheduler=scheds["decoder"],
+                          super_res_scheduler=scheds["super_res"])
+    pipe.save_pretrained(pipe_dir, safe_serialization=True)
+    # the tokenizer folder as the hub has it (vocab.json + merges.txt), not transformers 5's 3.6 MB tokenizer.json
+    shutil.rmtree(os.path.join(pipe_dir, "tokenizer"))
+    shutil.move(tok_src, os.path.join(pipe_dir, "tokenizer"))
+    del pipe, prior, decoder, text_proj, sr_first, sr_last, text_encoder
+
+    # the folder loads back as the pipeline (float32 holding the stored values); the same weights as the
+    # component folders
+    _alias_unclip()
+    pipe = UnCLIPPipeline.from_pretrained(pipe_dir)
+    pipe.set_progress_bar_config(disable=True)
+    for name in ("prior", "decoder", "text_proj", "super_res_first", "super_res_last", "text_encoder"):
+        getattr(pipe, name).float().eval()
+    for name, folder in (("prior", "chain_prior"), ("decoder", "decoder"), ("text_proj", "text_proj"),
+                         ("super_res_first", "super_res_first"), ("super_res_last", "super_res_last")):
+        ref = type(getattr(pipe, name)).from_pretrained(os.path.join(out_dir, folder)).state_dict()
+        got = getattr(pipe, name).state_dict()
+        assert ref.keys() == got.keys() and all(torch.equal(ref[k].float(), got[k]) for k in ref), name
+    assert pipe.super_res_first.config.sample_size == PIPE_SUPER_RES_SIDE
+    assert pipe.super_res_last.config.sample_size is None
+    assert isinstance(pipe.tokenizer, CLIPTokenizer)
+
+    ids, mask = _pipe_text_inputs(pipe.tokenizer, PIPE_PROMPTS)
+    u_ids, u_mask = _pipe_text_inputs(pipe.tokenizer, [""])
+    with torch.no_grad():
+        enc, u_enc = pipe.text_encoder(ids), pipe.text_encoder(u_ids)
+    arrays = {"pipe/prompts": np.asarray(PIPE_PROMPTS), "pipe/input_ids": ids.numpy().astype(np.int32),
+              "pipe/attention_mask": mask.numpy(), "pipe/uncond_input_ids": u_ids.numpy().astype(np.int32),
+              "pipe/uncond_attention_mask": u_mask.numpy(), "pipe/text_embeds": enc.text_embeds.numpy(),
+              "pipe/last_hidden_state": enc.last_hidden_state.numpy(),
+              "pipe/uncond_text_embeds": u_enc.text_embeds.numpy(),
+              "pipe/uncond_last_hidden_state": u_enc.last_hidden_state.numpy()}
+    for k in ("pipe/input_ids", "pipe/uncond_input_ids"):
+        assert arrays[k].max() < 49408
+
+    rng = np.random.default_rng(seed + 2)
+    b, e = len(PIPE_PROMPTS), pipe.prior.config.embedding_dim
+    side, sr_side = pipe.decoder.config.sample_size, PIPE_SUPER_RES_SIDE
+    shapes = {"prior": (b, e), "decoder": (b, 3, side, side), "super_res": (b, 3, sr_side, sr_side)}
+    latents = {k: rng.standard_normal(s, dtype=np.float32) for k, s in shapes.items()}
+    # UnCLIPScheduler.step draws noise when t > 0: every step but the last
+    noise = {k: rng.standard_normal((PIPE_STEPS[k] - 1,) + s, dtype=np.float32) for k, s in shapes.items()}
+    rec = _record(pipe)
+    queue = [n for k in ("prior", "decoder", "super_res") for n in noise[k]]
+    T = torch.from_numpy
+    with InjectedNoise([scheduling_unclip, pipeline_unclip], queue):
+        image = pipe(PIPE_PROMPTS, num_images_per_prompt=1, prior_num_inference_steps=PIPE_STEPS["prior"],
+                     decoder_num_inference_steps=PIPE_STEPS["decoder"],
+                     super_res_num_inference_steps=PIPE_STEPS["super_res"],
+                     prior_latents=T(latents["prior"].copy()), decoder_latents=T(latents["decoder"].copy()),
+                     super_res_latents=T(latents["super_res"].copy()),
+                     prior_guidance_scale=PIPE_GUIDANCE["prior"], decoder_guidance_scale=PIPE_GUIDANCE["decoder"],
+                     output_type="np").images
+    # the text encoder's calls inside the pipeline: the prompts, then the empty prompt (repeated per row)
+    assert len(rec["text_encoder"]) == 2
+    assert np.array_equal(rec["text_encoder"][0][0], arrays["pipe/input_ids"])
+    assert np.array_equal(rec["text_encoder"][1][0], np.repeat(arrays["pipe/uncond_input_ids"], b, 0))
+    decoder_image = rec["decoder"][-1].clamp(-1, 1)
+    with torch.no_grad():
+        upscaled = F.interpolate(decoder_image, size=[sr_side, sr_side], mode="bicubic", align_corners=False,
+                                 antialias=True)
+    assert torch.equal(upscaled, rec["super_res_input"][0][:, 3:])
+    final = (rec["super_res"][-1] * 0.5 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+    assert np.array_equal(final, image), np.abs(final - image).max()
+    arrays.update({"pipe/prior_latents": latents["prior"], "pipe/decoder_latents": latents["decoder"],
+                   "pipe/super_res_latents": latents["super_res"],
+                   **{f"pipe/{k}/noise": v for k, v in noise.items()},
+                   **{f"pipe/{k}/timesteps": np.asarray(rec["timesteps"][k], np.int32) for k in ("prior", "decoder", "super_res")},
+                   "pipe/prior/image_emb": rec["image_emb"][0].numpy(),
+                   "pipe/decoder/image": decoder_image.numpy(), "pipe/super_res/upscaled": upscaled.numpy(),
+                   "pipe/image": image.astype(np.float32)})
+    return arrays
+
+
+def _alias_unclip() -> None:
+    """Lets diffusers 0.42.1 load its own saved UnCLIPPipeline folder: save_pretrained records text_proj in
+    model_index.json as ["diffusers", "UnCLIPTextProjModel"], but the class is not exported at diffusers' top
+    level (it lives in diffusers.pipelines.deprecated.unclip), so from_pretrained cannot resolve it (neither
+    the hub's older name "unclip"). Exposes it there, for this process only."""
+    import diffusers
+    from diffusers.pipelines.deprecated.unclip.text_proj import UnCLIPTextProjModel
+
+    if not hasattr(diffusers, "UnCLIPTextProjModel"):
+        setattr(diffusers, "UnCLIPTextProjModel", UnCLIPTextProjModel)
+
+
+def _record(pipe) -> dict:
+    """Wraps the pipeline's components in place to record its intermediates: the text encoder's input ids,
+    post_process_latents' output, each scheduler's prev_samples and timesteps, super_res_first's inputs."""
+    import torch
+
+    rec = {"text_encoder": [], "image_emb": [], "prior": [], "decoder": [], "super_res": [], "super_res_input": [],
+           "timesteps": {"prior": [], "decoder": [], "super_res": []}}
+
+    def te_hook(module, args, kwargs, out):
+        ids = args[0] if args else kwargs["input_ids"]
+        rec["text_encoder"].append((ids.numpy().astype(np.int32), out))
+
+    pipe.text_encoder.register_forward_hook(te_hook, with_kwargs=True)
+    if hasattr(pipe, "prior"):
+        post = pipe.prior.post_process_latents
+
+        def post_process_latents(x):
+            y = post(x)
+            rec["image_emb"].append(y.clone())
+            return y
+
+        pipe.prior.post_process_latents = post_process_latents
+
+    def sr_hook(module, args, kwargs):
+        rec["super_res_input"].append((kwargs.get("sample", args[0] if args else None)).clone())
+
+    pipe.super_res_first.register_forward_pre_hook(sr_hook, with_kwargs=True)
+    pipe.super_res_last.register_forward_pre_hook(sr_hook, with_kwargs=True)
+    for stage in ("prior", "decoder", "super_res"):
+        sched = getattr(pipe, f"{stage}_scheduler", None)
+        if sched is None:
+            continue
+
+        def step(*args, _stage=stage, _step=sched.step, **kwargs):
+            out = _step(*args, **kwargs)
+            t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+            rec["timesteps"][_stage].append(int(t))
+            rec[_stage].append(out.prev_sample.clone())
+            return out
+
+        sched.step = step
+    return rec
+
+
+def make_variation(out_dir: str, seed: int = 70) -> dict:
+    """Adds pipeline/image_encoder/ (a tiny perturbed CLIPVisionModelWithProjection, float16) and
+    pipeline/feature_extractor/ (a CLIPImageProcessor: shortest edge 32, center crop 32, OpenAI's mean/std,
+    bicubic), as karlo-v1-alpha-image-variations has them, and returns the var/* arrays: a fixed uint8 image
+    (and its mirror), the feature extractor's pixel_values, the image encoder's image_embeds, and one
+    UnCLIPImageVariationPipeline run (the pipeline/ folder's components plus these two) with given image
+    embeddings and latents, every scheduler draw injected."""
+    import shutil
+
+    import PIL.Image
+    import torch
+    from diffusers import UnCLIPImageVariationPipeline
+    from diffusers.pipelines.deprecated.unclip import pipeline_unclip_image_variation
+    from diffusers.schedulers import scheduling_unclip
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    pipe_dir = os.path.join(out_dir, "pipeline")
+    for name in ("image_encoder", "feature_extractor"):
+        if os.path.exists(os.path.join(pipe_dir, name)):
+            shutil.rmtree(os.path.join(pipe_dir, name))
+    torch.manual_seed(seed)
+    image_encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(**TINY_IMAGE_ENCODER)).eval()
+    _perturb_weights(image_encoder, seed + 1)
+    _stored_fp16(image_encoder)
+    image_encoder.half().save_pretrained(os.path.join(pipe_dir, "image_encoder"), safe_serialization=True)
+    CLIPImageProcessor(**TINY_FEATURE_EXTRACTOR).save_pretrained(os.path.join(pipe_dir, "feature_extractor"))
+
+    # a structured image: gradients, a bright rectangle, a dark disc, a noisy band (H 40, W 48: resized to 32 x 38,
+    # then center-cropped); the batch is it and its left-right mirror
+    h, w = VAR_IMAGE_HW
+    rng = np.random.default_rng(seed + 2)
+    yy, xx = np.mgrid[0:h, 0:w]
+    img = np.stack([255 * xx / (w - 1), 255 * yy / (h - 1), 128 + 100 * np.sin(xx / 3.0) * np.cos(yy / 5.0)], -1)
+    img[8:20, 30:44] = [250, 240, 30]
+    img[((yy - 28) ** 2 + (xx - 14) ** 2) < 49] = [20, 30, 90]
+    img[34:38] += rng.normal(0, 40, (4, w, 3))
+    img = np.clip(np.round(img), 0, 255).astype(np.uint8)
+    images = np.stack([img, img[:, ::-1]])
+
+    image_encoder = CLIPVisionModelWithProjection.from_pretrained(os.path.join(pipe_dir, "image_encoder")).float().eval()
+    feature_extractor = CLIPImageProcessor.from_pretrained(os.path.join(pipe_dir, "feature_extractor"))
+    pils = [PIL.Image.fromarray(a) for a in images]
+    pixel_values = feature_extractor(images=pils, return_tensors="pt").pixel_values
+    with torch.no_grad():
+        image_embeds = image_encoder(pixel_values).image_embeds
+
+    _alias_unclip()
+    pipe = UnCLIPImageVariationPipeline.from_pretrained(pipe_dir, image_encoder=image_encoder,
+                                                        feature_extractor=feature_extractor)
+    pipe.set_progress_bar_config(disable=True)
+    for name in ("decoder", "text_proj", "super_res_first", "super_res_last", "text_encoder", "image_encoder"):
+        getattr(pipe, name).float().eval()
+    b, side, sr_side = len(images), pipe.decoder.config.sample_size, pipe.super_res_first.config.sample_size
+    shapes = {"decoder": (b, 3, side, side), "super_res": (b, 3, sr_side, sr_side)}
+    latents = {k: rng.standard_normal(s, dtype=np.float32) for k, s in shapes.items()}
+    noise = {k: rng.standard_normal((PIPE_STEPS[k] - 1,) + s, dtype=np.float32) for k, s in shapes.items()}
+    queue = [n for k in ("decoder", "super_res") for n in noise[k]]
+    T = torch.from_numpy
+    kwargs = dict(decoder_num_inference_steps=PIPE_STEPS["decoder"],
+                  super_res_num_inference_steps=PIPE_STEPS["super_res"],
+                  decoder_guidance_scale=PIPE_GUIDANCE["decoder"], output_type="np")
+    rec = _record(pipe)
+    with InjectedNoise([scheduling_unclip, pipeline_unclip_image_variation], queue):
+        out = pipe(image_embeddings=image_embeds.clone(), decoder_latents=T(latents["decoder"].copy()),
+                   super_res_latents=T(latents["super_res"].copy()), **kwargs).images
+    # the same run from the PIL images (the feature extractor and image encoder inside the pipeline)
+    with InjectedNoise([scheduling_unclip, pipeline_unclip_image_variation], list(queue)):
+        out_pil = pipe(image=pils, decoder_latents=T(latents["decoder"].copy()),
+                       super_res_latents=T(latents["super_res"].copy()), **kwargs).images
+    assert np.array_equal(out, out_pil), np.abs(out - out_pil).max()
+    # the variation pipeline's text inputs: the empty prompt for both halves (its tokenizer call: padding
+    # max_length, no truncation), encoded twice (cond = uncond)
+    te = rec["text_encoder"][:2]
+    assert len(te) == 2 and np.array_equal(te[0][0], te[1][0])
+    u_ids, u_mask = _pipe_text_inputs(pipe.tokenizer, [""] * b)
+    assert np.array_equal(te[0][0], u_ids.numpy())
+    decoder_image = rec["decoder"][PIPE_STEPS["decoder"] - 1].clamp(-1, 1)
+    return {"var/images": images, "var/pixel_values": pixel_values.numpy(), "var/image_embeds": image_embeds.numpy(),
+            "var/uncond_input_ids": u_ids.numpy()[:1].astype(np.int32), "var/uncond_attention_mask": u_mask.numpy()[:1],
+            "var/uncond_text_embeds": te[0][1].text_embeds.numpy()[:1],
+            "var/uncond_last_hidden_state": te[0][1].last_hidden_state.numpy()[:1],
+            "var/decoder_latents": latents["decoder"], "var/super_res_latents": latents["super_res"],
+            **{f"var/{k}/noise": v for k, v in noise.items()},
+            **{f"var/{k}/timesteps": np.asarray(rec["timesteps"][k][: PIPE_STEPS[k]], np.int32)
+               for k in ("decoder", "super_res")},
+            "var/decoder/image": decoder_image.numpy(), "var/image": out.astype(np.float32)}
+
+
 def full_size_components() -> dict:
     """The full-size karlo components on the meta device: {component: {class, config, num_tensors,
     num_params, tensors: {name: shape}}}."""
@@ -597,7 +953,11 @@ def main() -> None:
     versions = {"torch": torch.__version__, "diffusers": diffusers.__version__,
                 "safetensors": safetensors.__version__, "numpy": np.__version__}
     only = set(args.only or ["prior", "decoder", "text_proj", "super_res_first", "super_res_last", "schedulers",
-                             "guided", "chain"])
+                             "guided", "chain", "pipeline", "variation"])
+    if only & {"pipeline", "variation"}:
+        import transformers
+
+        versions["transformers"] = transformers.__version__
 
     keys = {"format": 1, "components": {}}
     if os.path.exists(KEYS_PATH):
@@ -609,7 +969,7 @@ def main() -> None:
         print(f"full-size {name}: {full[name]['num_tensors']} tensors, {full[name]['num_params']:,} params")
     keys["source"] = ("diffusers' karlo (unCLIP) component classes with their karlo-v1-alpha configs, "
                       "instantiated on the meta device by scripts/make_karlo_fixtures.py (no weights)")
-    keys["versions"] = versions
+    keys["versions"] = {k: v for k, v in versions.items() if k != "transformers"}  # no transformers component
     with open(KEYS_PATH, "w") as f:
         json.dump(keys, f, indent=1)
         f.write("\n")
@@ -723,6 +1083,64 @@ def main() -> None:
             "max_abs": {k: float(np.abs(arrays[f"chain/{k}"]).max())
                         for k in ("prior/image_emb", "decoder/image", "super_res/sample")}}
         print(f"chain: max |x| {index['chain']['max_abs']}")
+    if "pipeline" in only:
+        arrays = {k: v for k, v in arrays.items() if not k.startswith("pipe/")}
+        arrays.update(make_pipeline(TINY_DIR))
+        pipe_dir = os.path.join(TINY_DIR, "pipeline")
+        index["pipeline"] = {
+            "class": "UnCLIPPipeline", "folder": "pipeline",
+            "components": {"prior": "chain_prior/'s weights (float16)", "text_proj": "text_proj/'s (float32)",
+                           "decoder": "decoder/'s (float16)", "super_res_last": "super_res_last/'s (float16)",
+                           "super_res_first": f"super_res_first/'s weights (float16), config sample_size "
+                                              f"{PIPE_SUPER_RES_SIDE} (= 4 x the decoder's {TINY_DECODER['sample_size']}; "
+                                              f"the folder super_res_first/ says {TINY_SUPER_RES['sample_size']})",
+                           "text_encoder": "CLIPTextModelWithProjection (float16), config text_encoder_config",
+                           "tokenizer": "CLIPTokenizer: vocab.json + merges.txt built from dalle2_jax/assets/"
+                                        "bpe_simple_vocab_16e6.txt.gz, pad <|endoftext|>, model_max_length "
+                                        f"{TOKENIZER_MAX_LENGTH}",
+                           "{prior,decoder,super_res}_scheduler": "UnCLIPScheduler, schedulers.configs"},
+            "text_encoder_config": TINY_TEXT_ENCODER,
+            "weights_sha256": {name: _sha256(os.path.join(pipe_dir, name, fname)) for name, fname in (
+                ("text_encoder", "model.safetensors"), ("prior", "diffusion_pytorch_model.safetensors"),
+                ("decoder", "diffusion_pytorch_model.safetensors"), ("text_proj", "diffusion_pytorch_model.safetensors"),
+                ("super_res_first", "diffusion_pytorch_model.safetensors"),
+                ("super_res_last", "diffusion_pytorch_model.safetensors"))},
+            "steps": PIPE_STEPS, "guidance": PIPE_GUIDANCE, "super_res_side": PIPE_SUPER_RES_SIDE,
+            "description": "pipe/prompts -> tokenizer(padding='max_length', max_length=10, truncation=True) "
+                           "(pipe/input_ids, pipe/attention_mask; HF pads with 49407 = EOT, the mask is 1 from SOT "
+                           "to the first EOT), the empty prompt likewise (pipe/uncond_*); text_encoder(input_ids) "
+                           "(no attention mask: causal only) -> text_embeds, last_hidden_state; then "
+                           "UnCLIPPipeline.from_pretrained('pipeline').__call__ (every model upcast to float32 "
+                           "holding the stored values) with prompt=pipe/prompts, prior_latents, decoder_latents, "
+                           "super_res_latents given, {stage}/noise[j] injected as step j's scheduler noise (the "
+                           "last step, t = 0, draws none), output_type 'np' -> pipe/image [B, H, W, 3]; "
+                           "intermediates: prior/image_emb (post_process_latents of the prior loop's result), "
+                           "decoder/image (the decoder loop's result clamped to [-1, 1], float32: the super-res "
+                           "low-res input), super_res/upscaled (its bicubic antialias upsampling to super_res_side), "
+                           "{stage}/timesteps (the loop's timesteps)",
+            "max_abs": {k: float(np.abs(arrays[f"pipe/{k}"]).max())
+                        for k in ("text_embeds", "last_hidden_state", "prior/image_emb", "decoder/image")}}
+        print(f"pipeline: max |x| {index['pipeline']['max_abs']}, image mean {arrays['pipe/image'].mean():.4f}")
+    if "variation" in only:
+        arrays = {k: v for k, v in arrays.items() if not k.startswith("var/")}
+        arrays.update(make_variation(TINY_DIR))
+        pipe_dir = os.path.join(TINY_DIR, "pipeline")
+        index["variation"] = {
+            "class": "UnCLIPImageVariationPipeline", "folders": ["pipeline/image_encoder", "pipeline/feature_extractor"],
+            "image_encoder_config": TINY_IMAGE_ENCODER, "feature_extractor_config": TINY_FEATURE_EXTRACTOR,
+            "weights_sha256": {"image_encoder": _sha256(os.path.join(pipe_dir, "image_encoder", "model.safetensors"))},
+            "steps": {k: PIPE_STEPS[k] for k in ("decoder", "super_res")}, "guidance": {"decoder": PIPE_GUIDANCE["decoder"]},
+            "description": "var/images (uint8 [B, 40, 48, 3]: a structured image and its left-right mirror) -> "
+                           "feature_extractor (PIL bicubic resize of the shortest edge to 32, center crop 32, /255, "
+                           "OpenAI mean/std) -> var/pixel_values [B, 3, 32, 32] -> image_encoder(...).image_embeds "
+                           "(var/image_embeds, not normalised); UnCLIPImageVariationPipeline.from_pretrained("
+                           "'pipeline', image_encoder=..., feature_extractor=...) (float32 holding the stored "
+                           "values) called with image_embeddings=var/image_embeds (the same output as with the "
+                           "PIL images), decoder_latents, super_res_latents given, {stage}/noise injected -> "
+                           "var/image; the text inputs are the empty prompt's (var/uncond_*, one row) for BOTH "
+                           "halves of the classifier-free batch; decoder/image is the clamped decoder result",
+            "max_abs": {k: float(np.abs(arrays[f"var/{k}"]).max()) for k in ("image_embeds", "decoder/image")}}
+        print(f"variation: max |x| {index['variation']['max_abs']}, image mean {arrays['var/image'].mean():.4f}")
     index["versions"] = versions
     np.savez_compressed(npz_path, **arrays)
     with open(index_path, "w") as f:
