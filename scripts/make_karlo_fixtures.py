@@ -35,6 +35,29 @@ It writes
   `guided/{prior,decoder}/*`: one classifier-free-guided step of the pipeline's prior / decoder loop;
 - tests/fixtures/karlo_tiny/chain_prior/: a tiny prior sized for the tiny decoder (12-d CLIP, 10 tokens;
   float16 weights), and `chain/*`: the pipeline's three loops at 2/2/2 steps with every draw injected.
+- tests/fixtures/karlo_tiny/pipeline/: a COMPLETE diffusers `UnCLIPPipeline` folder as save_pretrained writes it
+  (model_index.json, prior/, text_proj/, decoder/, super_res_first/, super_res_last/, text_encoder/,
+  tokenizer/, {prior,decoder,super_res}_scheduler/: kakaobrain/karlo-v1-alpha's layout) at tiny sizes: prior =
+  chain_prior/'s weights, text_proj/decoder/super_res_* = the folders' weights (float16, text_proj float32 as
+  stored), super_res_first's config sample_size 64 = 4 x the decoder's 16 (karlo's factor; the UNets are
+  convolutional, the folder super_res_first/ says 16); text_encoder/ a tiny perturbed
+  `CLIPTextModelWithProjection` with clip-vit-large-patch14's text settings (TINY_TEXT_ENCODER: CLIP's 49408
+  vocabulary, width 12, 10 positions; float16 model.safetensors); tokenizer/ a `CLIPTokenizer`'s vocab.json +
+  merges.txt built offline from dalle2_jax/assets/bpe_simple_vocab_16e6.txt.gz (pad <|endoftext|>,
+  model_max_length 10; transformers 5's tokenizer.json is not kept); the schedulers are SCHEDULERS. diffusers
+  0.42.1 writes text_proj in model_index.json as ["diffusers", "UnCLIPTextProjModel"], which its from_pretrained
+  cannot resolve: the script exposes the class as diffusers.UnCLIPTextProjModel while loading (_alias_unclip).
+  `pipe/*`: the tokenizer's ids / masks and the text encoder's text_embeds / last_hidden_state for PIPE_PROMPTS
+  and "", and ONE `UnCLIPPipeline.from_pretrained('pipeline')` call (float32 holding the stored values; 2/2/2
+  steps, guidance 4 / 8, given prior/decoder/super-res latents, every scheduler draw injected) -> pipe/image
+  [2, 64, 64, 3], with its intermediates (prior/image_emb, decoder/image, super_res/upscaled) recorded by
+  wrapping the pipeline's components;
+- pipeline/image_encoder/ and pipeline/feature_extractor/ (as karlo-v1-alpha-image-variations has them): a tiny
+  perturbed `CLIPVisionModelWithProjection` (TINY_IMAGE_ENCODER, float16) and a `CLIPImageProcessor`
+  (TINY_FEATURE_EXTRACTOR: shortest edge 32, crop 32, OpenAI's mean / std, bicubic); `var/*`: two fixed uint8
+  images (40 x 48), their pixel_values and image_embeds, the empty prompt's encodings, and one
+  `UnCLIPImageVariationPipeline` call (the pipeline/ folder plus those two; 2/2 steps, guidance 8, given image
+  embeddings and latents, draws injected) -> var/image [2, 64, 64, 3];
 - tests/fixtures/karlo_tiny/index.json: versions, the inputs' description, the weights' sha256;
 - tests/fixtures/karlo_keys.json: the FULL-SIZE karlo components' tensor names and shapes and their
   configs, from meta-device instantiation (no weights). Its "components" map holds one entry per
@@ -42,8 +65,11 @@ It writes
   the class, its config, the tensor count, the parameter count and the {name: shape} list in state-dict
   order. `--only prior` (or `--only decoder text_proj`, or `--only super_res_first super_res_last`, each
   pair made together; `--only schedulers` for sched/*, `--only guided` for guided/*, `--only chain` for
-  chain_prior/ and chain/*) regenerates those components and keeps the others. guided and chain load the
-  saved tiny components, so make those first.
+  chain_prior/ and chain/*, `--only pipeline` for pipeline/ (but its variation folders) and pipe/*, `--only
+  variation` for pipeline/{image_encoder,feature_extractor}/ and var/*) regenerates those components and keeps the
+  others. guided, chain, pipeline and variation load the saved tiny components (pipeline: chain_prior/ and the
+  decoder / text_proj / super-res folders; variation: pipeline/), so make those first. pipeline and variation
+  need transformers as well.
 """
 
 from __future__ import annotations
@@ -669,8 +695,10 @@ def make_pipeline(out_dir: str, seed: int = 60) -> dict:
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
 
     pipe_dir = os.path.join(out_dir, "pipeline")
-    if os.path.exists(pipe_dir):
-        shutil.rmtree(pipe_dir)
+    for name in ("prior", "text_proj", "decoder", "super_res_first", "super_res_last", "text_encoder", "tokenizer",
+                 "prior_scheduler", "decoder_scheduler", "super_res_scheduler"):  # not variation's two folders
+        if os.path.exists(os.path.join(pipe_dir, name)):
+            shutil.rmtree(os.path.join(pipe_dir, name))
     tok_src = os.path.join(out_dir, "_tokenizer_src")
     write_clip_tokenizer_files(tok_src)
     tokenizer = CLIPTokenizer.from_pretrained(tok_src)
@@ -1118,6 +1146,12 @@ def main() -> None:
                            "decoder/image (the decoder loop's result clamped to [-1, 1], float32: the super-res "
                            "low-res input), super_res/upscaled (its bicubic antialias upsampling to super_res_side), "
                            "{stage}/timesteps (the loop's timesteps)",
+            "notes": ["model_index.json is diffusers 0.42.1's save_pretrained output; its text_proj entry "
+                      "[\"diffusers\", \"UnCLIPTextProjModel\"] does not load back in diffusers 0.42.1 (the class "
+                      "is not exported at the top level; the hub's karlo-v1-alpha names the library \"unclip\"): "
+                      "the reference exposed the class as diffusers.UnCLIPTextProjModel while loading",
+                      "the variation references' empty-prompt encodings come from a batch of 2 rows (var/*) and "
+                      "differ from pipe/uncond_* (1 row) by float rounding (< 1e-6)"],
             "max_abs": {k: float(np.abs(arrays[f"pipe/{k}"]).max())
                         for k in ("text_embeds", "last_hidden_state", "prior/image_emb", "decoder/image")}}
         print(f"pipeline: max |x| {index['pipeline']['max_abs']}, image mean {arrays['pipe/image'].mean():.4f}")

@@ -451,3 +451,29 @@ def test_full_size_karlo_super_res_mapping(full_keys):
     assert full_keys["super_res_first"]["config"]["sample_size"] == 256
     assert full_keys["super_res_last"]["config"]["sample_size"] is None
     assert sum(int(np.prod(s)) for s in expected.values()) == 691_579_523
+
+
+def test_pipeline_tokenizer_matches_clip_bpe(ref):
+    """pipeline/tokenizer/ (HF's CLIPTokenizer files, built offline from the package's merges) is CLIP's
+    vocabulary in the package's order, and HF's ids for the fixture's prompts (padding 'max_length' 10,
+    truncation) equal ClipBpeTokenizer's up to and including the EOT; after it HF pads with 49407 (the mask
+    is 0 there) where the package pads with 0."""
+    from dalle2_jax.text import ClipBpeTokenizer
+
+    index, arrays = ref
+    with open(os.path.join(TINY, "pipeline", "tokenizer", "vocab.json"), encoding="utf-8") as f:
+        vocab = json.load(f)
+    ours = ClipBpeTokenizer(None, 10)
+    assert len(vocab) == ours.vocab_size == 49408
+    special = {"<|startoftext|>": ours.special_tokens[0], "<|endoftext|>": ours.special_tokens[1]}
+    assert all(ours.encoder[special.get(tok, tok)] == i for tok, i in vocab.items())
+    prompts = [str(p) for p in arrays["pipe/prompts"]] + [""]
+    hf = np.concatenate([arrays["pipe/input_ids"], arrays["pipe/uncond_input_ids"]])
+    mask = np.concatenate([arrays["pipe/attention_mask"], arrays["pipe/uncond_attention_mask"]])
+    pkg = ours.encode_batch(prompts)
+    np.testing.assert_array_equal(np.where(mask, hf, 0), pkg)
+    np.testing.assert_array_equal(mask, np.cumsum(pkg == ours.eot_id, axis=1) - (pkg == ours.eot_id) == 0)
+    assert (hf[~mask] == ours.eot_id).all()
+    assert 0 in pkg[0][mask[0]]  # a real '!' token (id 0) inside the first prompt
+    assert mask[1].all() and hf[1, -1] == ours.eot_id  # the second prompt is cut at 10 tokens, EOT last
+    np.testing.assert_array_equal(arrays["var/uncond_input_ids"], arrays["pipe/uncond_input_ids"])
