@@ -77,6 +77,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     m.init_logit_scale = 2.6592600369644165  # log(1 / 0.07)
     m.max_logit_scale = 4.605170185988092  # log(100)
     m.identical_captions_positive = True  # identical captions in a batch count as matches
+    # False: the text tower alone (karlo ships only CLIP's text encoder; tools.import_karlo without an image
+    # encoder). model.vision keeps the sizes the image tower would have; nothing that needs images runs.
+    m.image_tower = True
     m.text = _tower(128, 2, 4)
     m.text.context_length = 20  # the longest built-in caption is 16 words
     m.text.vocab_size = 512

@@ -41,6 +41,11 @@ def get_config(arg: str = "tiny_64to256") -> ml_collections.ConfigDict:
     # Predict x0 as the bicubic-upsampled low-res input plus the UNet's output (needs diffusion.model_output
     # x0): an untrained upsampler returns bicubic, and training learns the correction (sharper edges).
     m.predict_residual = False
+    # Models karlo imports (tools.import_karlo): last_step_model, a second weight set for the final sampling
+    # step (params {"main", "last_step"}); float_low_res, the pipeline hands this upsampler the previous
+    # stage's float output (clamped to [-1, 1]) instead of its 8-bit image, as diffusers' UnCLIPPipeline does.
+    m.last_step_model = False
+    m.float_low_res = False
 
     c.diffusion = ml_collections.ConfigDict()
     c.diffusion.schedule = "cosine"
@@ -151,4 +156,5 @@ def get_config(arg: str = "tiny_64to256") -> ml_collections.ConfigDict:
         c.sampling.clip_x0 = True
         c.diffusion.schedule_arithmetic = "unclip"  # diffusers' UnCLIPScheduler float32 constants
         m.last_step_model = True  # params {"main": super_res_first, "last_step": super_res_last}
+        m.float_low_res = True  # the pipeline hands the decoder's float output (clamped) on, not its 8-bit image
     return c

@@ -789,7 +789,8 @@ def make_pipeline(out_dir: str, seed: int = 60) -> dict:
     arrays.update({"pipe/prior_latents": latents["prior"], "pipe/decoder_latents": latents["decoder"],
                    "pipe/super_res_latents": latents["super_res"],
                    **{f"pipe/{k}/noise": v for k, v in noise.items()},
-                   **{f"pipe/{k}/timesteps": np.asarray(rec["timesteps"][k], np.int32) for k in ("prior", "decoder", "super_res")},
+                   **{f"pipe/{k}/timesteps": np.asarray(rec["timesteps"][k], np.int32)
+                      for k in ("prior", "decoder", "super_res")},
                    "pipe/prior/image_emb": rec["image_emb"][0].numpy(),
                    "pipe/decoder/image": decoder_image.numpy(), "pipe/super_res/upscaled": upscaled.numpy(),
                    "pipe/image": image.astype(np.float32)})
@@ -811,7 +812,6 @@ def _alias_unclip() -> None:
 def _record(pipe) -> dict:
     """Wraps the pipeline's components in place to record its intermediates: the text encoder's input ids,
     post_process_latents' output, each scheduler's prev_samples and timesteps, super_res_first's inputs."""
-    import torch
 
     rec = {"text_encoder": [], "image_emb": [], "prior": [], "decoder": [], "super_res": [], "super_res_input": [],
            "timesteps": {"prior": [], "decoder": [], "super_res": []}}
@@ -891,7 +891,8 @@ def make_variation(out_dir: str, seed: int = 70) -> dict:
     img = np.clip(np.round(img), 0, 255).astype(np.uint8)
     images = np.stack([img, img[:, ::-1]])
 
-    image_encoder = CLIPVisionModelWithProjection.from_pretrained(os.path.join(pipe_dir, "image_encoder")).float().eval()
+    image_encoder = CLIPVisionModelWithProjection.from_pretrained(
+        os.path.join(pipe_dir, "image_encoder")).float().eval()
     feature_extractor = CLIPImageProcessor.from_pretrained(os.path.join(pipe_dir, "feature_extractor"))
     pils = [PIL.Image.fromarray(a) for a in images]
     pixel_values = feature_extractor(images=pils, return_tensors="pt").pixel_values
@@ -1120,7 +1121,8 @@ def main() -> None:
             "components": {"prior": "chain_prior/'s weights (float16)", "text_proj": "text_proj/'s (float32)",
                            "decoder": "decoder/'s (float16)", "super_res_last": "super_res_last/'s (float16)",
                            "super_res_first": f"super_res_first/'s weights (float16), config sample_size "
-                                              f"{PIPE_SUPER_RES_SIDE} (= 4 x the decoder's {TINY_DECODER['sample_size']}; "
+                                              f"{PIPE_SUPER_RES_SIDE} (= 4 x the decoder's "
+                                        f"{TINY_DECODER['sample_size']}; "
                                               f"the folder super_res_first/ says {TINY_SUPER_RES['sample_size']})",
                            "text_encoder": "CLIPTextModelWithProjection (float16), config text_encoder_config",
                            "tokenizer": "CLIPTokenizer: vocab.json + merges.txt built from dalle2_jax/assets/"
@@ -1130,7 +1132,8 @@ def main() -> None:
             "text_encoder_config": TINY_TEXT_ENCODER,
             "weights_sha256": {name: _sha256(os.path.join(pipe_dir, name, fname)) for name, fname in (
                 ("text_encoder", "model.safetensors"), ("prior", "diffusion_pytorch_model.safetensors"),
-                ("decoder", "diffusion_pytorch_model.safetensors"), ("text_proj", "diffusion_pytorch_model.safetensors"),
+                ("decoder", "diffusion_pytorch_model.safetensors"),
+                ("text_proj", "diffusion_pytorch_model.safetensors"),
                 ("super_res_first", "diffusion_pytorch_model.safetensors"),
                 ("super_res_last", "diffusion_pytorch_model.safetensors"))},
             "steps": PIPE_STEPS, "guidance": PIPE_GUIDANCE, "super_res_side": PIPE_SUPER_RES_SIDE,
@@ -1160,10 +1163,13 @@ def main() -> None:
         arrays.update(make_variation(TINY_DIR))
         pipe_dir = os.path.join(TINY_DIR, "pipeline")
         index["variation"] = {
-            "class": "UnCLIPImageVariationPipeline", "folders": ["pipeline/image_encoder", "pipeline/feature_extractor"],
+            "class": "UnCLIPImageVariationPipeline",
+            "folders": ["pipeline/image_encoder", "pipeline/feature_extractor"],
             "image_encoder_config": TINY_IMAGE_ENCODER, "feature_extractor_config": TINY_FEATURE_EXTRACTOR,
-            "weights_sha256": {"image_encoder": _sha256(os.path.join(pipe_dir, "image_encoder", "model.safetensors"))},
-            "steps": {k: PIPE_STEPS[k] for k in ("decoder", "super_res")}, "guidance": {"decoder": PIPE_GUIDANCE["decoder"]},
+            "weights_sha256": {"image_encoder": _sha256(os.path.join(pipe_dir, "image_encoder",
+                                                                     "model.safetensors"))},
+            "steps": {k: PIPE_STEPS[k] for k in ("decoder", "super_res")},
+            "guidance": {"decoder": PIPE_GUIDANCE["decoder"]},
             "description": "var/images (uint8 [B, 40, 48, 3]: a structured image and its left-right mirror) -> "
                            "feature_extractor (PIL bicubic resize of the shortest edge to 32, center crop 32, /255, "
                            "OpenAI mean/std) -> var/pixel_values [B, 3, 32, 32] -> image_encoder(...).image_embeds "

@@ -265,47 +265,72 @@ def export_bundle(out: str, clip: str, decoder: str, prior: str | None = None, u
             stage = build_stage(kind, saved, sdir, clip_dir)
             log(f"{name}: loading {'raw' if raw_params else 'EMA'} params from {workdir}")
             _, params, info = ckpt.load_params(workdir, prefer_ema=not raw_params)
-            params = _cast(jax.device_get(params), dtype)
-            expected = _shape_tree(abstract_params(stage))
-            problems = _shape_problems(name, expected, _shape_tree(params))
-            if problems:
-                raise BundleError("; ".join(problems))
-            _save_params(os.path.join(sdir, "params"), params)
-            extras = {}
-            for sub in os.listdir(sdir):
-                if sub not in ("params", "config.json"):
-                    extras.update(hash_tree(tmp, os.path.join(name, sub)))
-            entry = {
-                "name": name, "kind": kind, "dir": name, "config": f"{name}/config.json",
-                "config_sha256": sha256_file(os.path.join(sdir, "config.json")),
-                "interface": interface(kind, stage, trained_clip), "extras": extras,
-                "models": {"main": {"params": f"{name}/params", "dtype": dtype,
-                                    "num_params": int(sum(np.prod(s) for s, _ in expected.values())),
-                                    "files": hash_tree(tmp, os.path.join(name, "params")),
-                                    "source": {"workdir": fileio.resolve(workdir), "step": info["step"],
-                                               "params": info["params"]}}},
-            }
+            entry = write_stage_models(tmp, name, kind, stage, {"main": jax.device_get(params)}, dtype,
+                                       {"main": {"workdir": fileio.resolve(workdir), "step": info["step"],
+                                                 "params": info["params"]}}, trained_clip)
             entries.append(entry)
             log(f"{name}: {entry['models']['main']['num_params']:,} params ({dtype}), step {info['step']}")
-        problems = check_cascade(entries)
-        if problems:
-            raise BundleError("the stages do not fit together: " + "; ".join(problems))
-        from dalle2_jax import __version__
-
-        manifest = {"format": FORMAT, "schema_version": SCHEMA_VERSION,
-                    "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                    "dalle2_jax_version": __version__, "tokenizer": f"clip/{TOKENIZER_DIR}", "stages": entries}
-        with open(os.path.join(tmp, MANIFEST), "w") as f:
-            json.dump(manifest, f, indent=2)
-        if remote:
-            log(f"copying the bundle to {out}")
-            fileio.copy_tree(tmp, out, last=(MANIFEST,))
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        manifest = finish_bundle(tmp, out, entries, log)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    return manifest
+
+
+def role_params_dir(name: str, role: str) -> str:
+    """Where a stage's model of `role` lives in a bundle: NAME/params for "main", NAME/params_ROLE otherwise."""
+    return f"{name}/params" if role == "main" else f"{name}/params_{role}"
+
+
+def write_stage_models(root: str, name: str, kind: str, stage, models: dict, dtype: str, sources: dict,
+                       trained_clip=None) -> dict:
+    """Saves the params trees `models` ({role: host params}) of the built `stage` under root/NAME (cast to
+    `dtype`, checked against the shapes its config builds) and returns the stage's manifest entry; the stage
+    folder already holds its config.json and extras (tokenizer/, stats/). `sources`: {role: provenance}."""
+    sdir = os.path.join(root, name)
+    expected = _shape_tree(abstract_params(stage))
+    entry_models = {}
+    for role, params in models.items():
+        what = name if role == "main" else f"{name} ({role})"
+        params = _cast(params, dtype)
+        problems = _shape_problems(what, expected, _shape_tree(params))
+        if problems:
+            raise BundleError("; ".join(problems))
+        rel = role_params_dir(name, role)
+        _save_params(os.path.join(root, rel), params)
+        del params
+        entry_models[role] = {"params": rel, "dtype": dtype,
+                              "num_params": int(sum(np.prod(s) for s, _ in expected.values())),
+                              "files": hash_tree(root, rel), "source": sources.get(role, {})}
+    extras = {}
+    for sub in sorted(os.listdir(sdir)):
+        if sub != "config.json" and not sub.startswith("params"):
+            extras.update(hash_tree(root, os.path.join(name, sub)))
+    return {"name": name, "kind": kind, "dir": name, "config": f"{name}/config.json",
+            "config_sha256": sha256_file(os.path.join(sdir, "config.json")),
+            "interface": interface(kind, stage, trained_clip), "extras": extras, "models": entry_models}
+
+
+def finish_bundle(tmp: str, out: str, entries: list[dict], log: Callable[[str], None] = logger.info) -> dict:
+    """Checks that the stage entries fit together, writes the manifest into the bundle built in `tmp` and moves
+    it to `out` (a gs:// `out`: copied up with the manifest last). Returns the manifest."""
+    problems = check_cascade(entries)
+    if problems:
+        raise BundleError("the stages do not fit together: " + "; ".join(problems))
+    from dalle2_jax import __version__
+    from dalle2_jax.stages.base import TOKENIZER_DIR
+
+    manifest = {"format": FORMAT, "schema_version": SCHEMA_VERSION,
+                "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                "dalle2_jax_version": __version__, "tokenizer": f"clip/{TOKENIZER_DIR}", "stages": entries}
+    with open(os.path.join(tmp, MANIFEST), "w") as f:
+        json.dump(manifest, f, indent=2)
+    if fileio.is_remote(out):
+        log(f"copying the bundle to {out}")
+        fileio.copy_tree(tmp, out, last=(MANIFEST,))
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
     return manifest
 
 

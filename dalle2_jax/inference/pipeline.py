@@ -275,15 +275,24 @@ class UnCLIPPipeline:
         return run_batched(lambda t, st, va, i: fn(self.prior.params, t, st, va, jax.random.fold_in(key, i), None,
                                                    uncond), batch_size, text_emb, states, valid, mesh=self.mesh)
 
+    @property
+    def float_handoff(self) -> bool:
+        """Whether the first upsampler takes the decoder's float output (clamped to [-1, 1]) rather than its 8-bit
+        image (its model.float_low_res; karlo's UnCLIPPipeline hands the float image on)."""
+        return bool(self.upsamplers) and bool(self.upsamplers[0].stage.config.model.get("float_low_res", False))
+
     def decode(self, emb: np.ndarray, tokens: np.ndarray, settings: dict, key: jax.Array, batch_size: int,
                x_T: np.ndarray | None = None, first_index: int = 0) -> np.ndarray:
-        """Guided decoder sampling -> uint8 [N, 64, 64, 3]; from x_T (by DDIM) when given. Batch i draws
-        from fold_in(key, first_index + i)."""
+        """Guided decoder sampling -> uint8 [N, 64, 64, 3] (float32 model-space images in [-1, 1] when the first
+        upsampler takes them: float_handoff); from x_T (by DDIM) when given. Batch i draws from
+        fold_in(key, first_index + i)."""
         s = dict(settings[self.decoder.name])
         if x_T is not None:
             s["sampler"] = "ddim"
-        fn = self._fn(("decoder", tuple(sorted(s.items()))), lambda: self.decoder.stage.make_sampler(
-            steps=s["steps"], guidance_scale=s["guidance_scale"], sampler=s["sampler"], eta=s["eta"]))
+        output = "model" if self.float_handoff else "uint8"
+        key_ = ("decoder", tuple(sorted(s.items()))) + (("float",) if output == "model" else ())
+        fn = self._fn(key_, lambda: self.decoder.stage.make_sampler(
+            steps=s["steps"], guidance_scale=s["guidance_scale"], sampler=s["sampler"], eta=s["eta"], output=output))
         p = self.decoder.params
         if self.decoder.stage.clip_text_conditioning:  # karlo: the captions' CLIP encodings, the empty one's
             uncond = self.empty_caption_text()
@@ -312,9 +321,10 @@ class UnCLIPPipeline:
                  timings: dict, num_upsamplers: int | None = None, known: np.ndarray | None = None,
                  regen: np.ndarray | None = None, repaint: tuple[int, int] = (1, 1), first_index: int = 0,
                  tag: str = "") -> dict[str, np.ndarray]:
-        """Runs the upsamplers on uint8 images; with `known` (square uint8 source, any size) and `regen` (bool,
-        its size: True = regenerate), each upsampler runs RePaint with both resized to its resolution, and the
-        kept pixels of the resized source are pasted back over its output."""
+        """Runs the upsamplers on uint8 images (the first also on float model-space ones); with `known` (square
+        uint8 source, any size) and `regen` (bool, its size: True = regenerate), each upsampler runs RePaint with
+        both resized to its resolution, and the kept pixels of the resized source are pasted back over its
+        output."""
         out = {}
         for j, ls in enumerate(self.upsamplers[:self._num_upsamplers(num_upsamplers)]):
             s = settings[ls.name]
@@ -372,11 +382,14 @@ class UnCLIPPipeline:
             m = len(range(n)[rows])
             tag = f" [batch {c + 1}/{len(starts)}]" if len(starts) > 1 else ""
             dec = self._timed(timings, "decoder", lambda: decode_chunk(rows, c), decoder_detail(m) + tag)
+            low = dec  # what the first upsampler reads: the 8-bit image, or the float one (float_handoff)
+            if dec.dtype != np.uint8:
+                dec = np.clip(np.round((dec + 1.0) * 127.5), 0, 255).astype(np.uint8)
             if known is not None:
                 res = dec.shape[1]
-                dec = paste_kept(dec, resize(known, res), ~resize(regen, res))
+                dec = low = paste_kept(dec, resize(known, res), ~resize(regen, res))
             imgs = {"decoder": dec}
-            imgs.update(self.upsample(dec, settings, keys, bs, timings, num_upsamplers, known=known, regen=regen,
+            imgs.update(self.upsample(low, settings, keys, bs, timings, num_upsamplers, known=known, regen=regen,
                                       repaint=repaint, first_index=c, tag=tag))
             for name, v in imgs.items():
                 parts.setdefault(name, []).append(v)

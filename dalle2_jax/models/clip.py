@@ -159,7 +159,7 @@ class CLIP(nn.Module):
     """
 
     text: TextEncoder
-    vision: VisionTransformer
+    vision: VisionTransformer | None  # None: a text encoder alone (model.image_tower False)
     init_logit_scale: float = float(np.log(1 / 0.07))
     max_logit_scale: float = float(np.log(100.0))
 
@@ -178,6 +178,8 @@ class CLIP(nn.Module):
 
     def encode_image(self, images: jax.Array, normalize: bool = True) -> jax.Array:
         """images [B, H, W, 3] float in [0, 1] -> image embedding [B, E] (unit norm if `normalize`)."""
+        if self.vision is None:
+            raise ValueError("this CLIP has no image tower (model.image_tower is False)")
         emb, _ = self.vision(images)
         return _l2_normalize(emb) if normalize else emb
 
@@ -208,12 +210,22 @@ def build_clip(model_cfg: Any, eot_id: int) -> CLIP:
                                conv_channels=tuple(v.conv_channels), mlp_ratio=v.mlp_ratio, act=v.act,
                                ln_eps=model_cfg.ln_eps, mean=tuple(v.mean), std=tuple(v.std),
                                remat=model_cfg.remat, scan_layers=model_cfg.scan_layers, dtype=dtype)
+    if not model_cfg.get("image_tower", True):
+        vision = None
     return CLIP(text=text, vision=vision, init_logit_scale=float(model_cfg.init_logit_scale),
                 max_logit_scale=float(model_cfg.max_logit_scale))
 
 
+def _init_text_only(model: CLIP, tokens: jax.Array):
+    model.temperature_scale()
+    return model.encode_text_full(tokens)
+
+
 def init_clip(model: CLIP, rng: jax.Array) -> Any:
     """Fresh (logically boxed) params of `model`, initialised on a [1, R, R, 3] image and one [1, L] caption."""
-    size, length = model.vision.image_size, model.text.context_length
+    length = model.text.context_length
     tokens = jnp.zeros((1, length), jnp.int32).at[:, 1].set(model.text.eot_id)
+    if model.vision is None:
+        return model.init(rng, tokens, method=_init_text_only)
+    size = model.vision.image_size
     return model.init(rng, jnp.zeros((1, size, size, 3), jnp.float32), tokens)

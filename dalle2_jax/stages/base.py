@@ -152,15 +152,30 @@ class FrozenClipMixin:
 
             multihost_utils.sync_global_devices("clip_tokenizer")
 
+    @property
+    def unit_text_embedding(self) -> bool:
+        """Whether the stage takes the CLIP text embedding unit-normalised (ours) or raw (karlo's prior, with
+        model.normalize_embedding False, and karlo's decoder, with model.clip_text_conditioning)."""
+        m = self.config.model
+        return bool(m.get("normalize_embedding", True)) and not bool(m.get("clip_text_conditioning", False))
+
     def clip_text(self, clip_params: Any, tokens: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """tokens [B, L] -> (unit text embedding [B, E], token states [B, L, W], valid mask [B, L]) of the
-        frozen CLIP (`self.clip`, built by the stage's setup_model)."""
+        """tokens [B, L] -> (text embedding [B, E], token states [B, L, W], valid mask [B, L]) of the frozen
+        CLIP (`self.clip`, built by the stage's setup_model). The embedding is unit-norm unless the stage takes
+        it raw (unit_text_embedding). The mask covers the tokens up to and including the first end-of-text
+        token (as CLIP tokenizers' attention masks do; a token equal to the pad id before it, such as CLIP
+        BPE's "!" = 0, stays valid); rows without one fall back to tokens != pad."""
         import jax.numpy as jnp
 
         emb, states = self.clip.apply(clip_params, tokens, method=self.clip.encode_text_full)
-        emb = emb * jax.lax.rsqrt(jnp.sum(emb * emb, axis=-1, keepdims=True) + 1e-12)
+        if self.unit_text_embedding:
+            emb = emb * jax.lax.rsqrt(jnp.sum(emb * emb, axis=-1, keepdims=True) + 1e-12)
         pad = int(self.tokenizer.pad_id) if self.tokenizer is not None else 0
-        return jax.lax.stop_gradient(emb), jax.lax.stop_gradient(states.astype(jnp.float32)), tokens != pad
+        is_eot = tokens == self.clip.text.eot_id
+        through_eot = jnp.arange(tokens.shape[-1])[None, :] <= jnp.argmax(is_eot, axis=-1)[:, None]
+        valid = jnp.where(jnp.any(is_eot, axis=-1, keepdims=True), through_eot, tokens != pad)
+        return jax.lax.stop_gradient(emb.astype(jnp.float32)), jax.lax.stop_gradient(states.astype(jnp.float32)), \
+            valid
 
     def use_abstract_clip(self, clip_model_cfg: Any) -> None:
         """Builds `self.clip` from a CLIP `config.model` group instead of a workdir (AOT compilation)."""

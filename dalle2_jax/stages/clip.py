@@ -63,6 +63,10 @@ class ClipStage(Stage):
     def validate(cls, config) -> None:
         m = config.model
         v, t = m.vision, m.text
+        if not m.get("image_tower", True):
+            raise ConfigError("model.image_tower", "is False (a text encoder alone, as karlo ships); contrastive "
+                              "training needs both towers: import an image encoder too (tools.import_karlo "
+                              "--image_encoder, or tools.import_clip)")
         if v.stem not in ("patch", "conv"):
             raise ConfigError("model.vision.stem", f"unknown stem {v.stem!r}; use 'patch' or 'conv'")
         if v.image_size != config.data.resolution:

@@ -92,6 +92,10 @@ class UpsamplerStage(ImageDiffusionStage):
 
     def train_iterator(self, local_batch_size: int, process_index: int, process_count: int):
         m = self.config.model
+        if self.last_step_model:  # a sampling-only layout: params {"main", "last_step"}
+            raise ConfigError("model.last_step_model", "training trains one UNet: fine-tune karlo's super_res_first "
+                              "and super_res_last each from its own workdir (tools.import_karlo --workdirs) with "
+                              "--config.model.last_step_model=False")
         return pipeline.upsampler_pipeline(
             self.config.data, self.config.data.train_split, local_batch_size=local_batch_size, seed=self.config.seed,
             degradation=m.degradation, blur_sigma=float(m.blur_sigma), blur_size=int(m.blur_size),

@@ -200,57 +200,62 @@ def _block(layout: str, src: str, width: int, hidden: int, dst: Path) -> list[St
     return steps
 
 
-def conversion_plan(model_cfg, layout: str) -> list[Step]:
+def conversion_plan(model_cfg, layout: str, towers: tuple[str, ...] = ("text", "vision"),
+                    logit_scale: bool = True) -> list[Step]:
     """Every source tensor of a CLIP with `model_cfg`'s architecture in `layout`, and where it goes in
-    our params (under 'params'). Raises ConfigError for an architecture a released CLIP cannot have."""
+    our params (under 'params'): the given towers, and the temperature when `logit_scale`. Raises ConfigError
+    for an architecture a released CLIP cannot have."""
     from dalle2_jax.training.config import ConfigError
 
     if layout not in LAYOUTS:
         raise InputError(f"unknown layout {layout!r}; use one of {LAYOUTS}")
     t, v, e = model_cfg.text, model_cfg.vision, int(model_cfg.embed_dim)
-    if v.stem != "patch":
+    if "vision" in towers and v.stem != "patch":
         raise ConfigError("model.vision.stem", "released CLIPs use a patch embedding; set it to 'patch'")
     tw, vw = int(t.width), int(v.width)
     th, vh = int(tw * t.mlp_ratio), int(vw * v.mlp_ratio)
     p, grid = int(v.patch_size), int(v.image_size) // int(v.patch_size)
     T, V = ("text",), ("vision",)
-    steps: list[Step] = []
+    text: list[Step] = []
+    vision: list[Step] = []
     if layout == "open_clip":
-        steps += [_copy("token_embedding.weight", (int(t.vocab_size), tw), T + ("token_embedding",)),
-                  _copy("positional_embedding", (int(t.context_length), tw), T + ("positional_embedding",))]
+        text += [_copy("token_embedding.weight", (int(t.vocab_size), tw), T + ("token_embedding",)),
+                 _copy("positional_embedding", (int(t.context_length), tw), T + ("positional_embedding",))]
         for i in range(int(t.depth)):
-            steps += _block(layout, f"transformer.resblocks.{i}", tw, th, T + ("transformer", f"block_{i}"))
-        steps += _ln("ln_final", tw, T + ("ln_final",))
-        steps += [_copy("text_projection", (tw, e), T + ("projection", "dense", "kernel")),
-                  _copy("visual.conv1.weight", (vw, 3, p, p), V + ("patch_embed", "kernel"),
-                        lambda a: a.transpose(2, 3, 1, 0)),
-                  _copy("visual.class_embedding", (vw,), V + ("class_embedding",)),
-                  _copy("visual.positional_embedding", (grid * grid + 1, vw), V + ("positional_embedding",))]
-        steps += _ln("visual.ln_pre", vw, V + ("ln_pre",))
+            text += _block(layout, f"transformer.resblocks.{i}", tw, th, T + ("transformer", f"block_{i}"))
+        text += _ln("ln_final", tw, T + ("ln_final",))
+        text += [_copy("text_projection", (tw, e), T + ("projection", "dense", "kernel"))]
+        vision += [_copy("visual.conv1.weight", (vw, 3, p, p), V + ("patch_embed", "kernel"),
+                         lambda a: a.transpose(2, 3, 1, 0)),
+                   _copy("visual.class_embedding", (vw,), V + ("class_embedding",)),
+                   _copy("visual.positional_embedding", (grid * grid + 1, vw), V + ("positional_embedding",))]
+        vision += _ln("visual.ln_pre", vw, V + ("ln_pre",))
         for i in range(int(v.depth)):
-            steps += _block(layout, f"visual.transformer.resblocks.{i}", vw, vh, V + ("transformer", f"block_{i}"))
-        steps += _ln("visual.ln_post", vw, V + ("ln_post",))
-        steps += [_copy("visual.proj", (vw, e), V + ("projection", "dense", "kernel"))]
+            vision += _block(layout, f"visual.transformer.resblocks.{i}", vw, vh, V + ("transformer", f"block_{i}"))
+        vision += _ln("visual.ln_post", vw, V + ("ln_post",))
+        vision += [_copy("visual.proj", (vw, e), V + ("projection", "dense", "kernel"))]
     else:
-        steps += [_copy("text_model.embeddings.token_embedding.weight", (int(t.vocab_size), tw),
-                        T + ("token_embedding",)),
-                  _copy("text_model.embeddings.position_embedding.weight", (int(t.context_length), tw),
-                        T + ("positional_embedding",))]
+        text += [_copy("text_model.embeddings.token_embedding.weight", (int(t.vocab_size), tw),
+                       T + ("token_embedding",)),
+                 _copy("text_model.embeddings.position_embedding.weight", (int(t.context_length), tw),
+                       T + ("positional_embedding",))]
         for i in range(int(t.depth)):
-            steps += _block(layout, f"text_model.encoder.layers.{i}", tw, th, T + ("transformer", f"block_{i}"))
-        steps += _ln("text_model.final_layer_norm", tw, T + ("ln_final",))
-        steps += [_copy("text_projection.weight", (e, tw), T + ("projection", "dense", "kernel"), np.transpose),
-                  _copy("vision_model.embeddings.patch_embedding.weight", (vw, 3, p, p), V + ("patch_embed", "kernel"),
-                        lambda a: a.transpose(2, 3, 1, 0)),
-                  _copy("vision_model.embeddings.class_embedding", (vw,), V + ("class_embedding",)),
-                  _copy("vision_model.embeddings.position_embedding.weight", (grid * grid + 1, vw),
-                        V + ("positional_embedding",))]
-        steps += _ln("vision_model.pre_layrnorm", vw, V + ("ln_pre",))
+            text += _block(layout, f"text_model.encoder.layers.{i}", tw, th, T + ("transformer", f"block_{i}"))
+        text += _ln("text_model.final_layer_norm", tw, T + ("ln_final",))
+        text += [_copy("text_projection.weight", (e, tw), T + ("projection", "dense", "kernel"), np.transpose)]
+        vision += [_copy("vision_model.embeddings.patch_embedding.weight", (vw, 3, p, p), V + ("patch_embed", "kernel"),
+                         lambda a: a.transpose(2, 3, 1, 0)),
+                   _copy("vision_model.embeddings.class_embedding", (vw,), V + ("class_embedding",)),
+                   _copy("vision_model.embeddings.position_embedding.weight", (grid * grid + 1, vw),
+                         V + ("positional_embedding",))]
+        vision += _ln("vision_model.pre_layrnorm", vw, V + ("ln_pre",))
         for i in range(int(v.depth)):
-            steps += _block(layout, f"vision_model.encoder.layers.{i}", vw, vh, V + ("transformer", f"block_{i}"))
-        steps += _ln("vision_model.post_layernorm", vw, V + ("ln_post",))
-        steps += [_copy("visual_projection.weight", (e, vw), V + ("projection", "dense", "kernel"), np.transpose)]
-    steps += [_copy("logit_scale", (), ("logit_scale",), lambda a: np.asarray(a, np.float32).reshape(()))]
+            vision += _block(layout, f"vision_model.encoder.layers.{i}", vw, vh, V + ("transformer", f"block_{i}"))
+        vision += _ln("vision_model.post_layernorm", vw, V + ("ln_post",))
+        vision += [_copy("visual_projection.weight", (e, vw), V + ("projection", "dense", "kernel"), np.transpose)]
+    steps = (text if "text" in towers else []) + (vision if "vision" in towers else [])
+    if logit_scale:
+        steps += [_copy("logit_scale", (), ("logit_scale",), lambda a: np.asarray(a, np.float32).reshape(()))]
     return steps
 
 
@@ -327,8 +332,7 @@ def import_clip(weights: str, config, out: str, layout: str = "auto", bpe_path: 
 
     from dalle2_jax.models.clip import build_clip
     from dalle2_jax.text import ClipBpeTokenizer
-    from dalle2_jax.training import checkpoint as ckpt
-    from dalle2_jax.training.config import ConfigError, config_to_json
+    from dalle2_jax.training.config import ConfigError
 
     t0 = time.time()
     if config.stage != "clip":
@@ -367,27 +371,43 @@ def import_clip(weights: str, config, out: str, layout: str = "auto", bpe_path: 
         diff = sorted(set(want.items()) ^ set(got.items()))[:10]
         raise RuntimeError(f"internal: converted params do not match the model ({arch}, {layout}): {diff}")
 
+    num_params = int(sum(a.size for a in flat.values()))
+    del flat, params
+    report = {
+        "arch": arch, "layout": layout, "source": os.path.abspath(weights),
+        "source_bytes": os.path.getsize(weights), "source_sha256": _sha256(weights),
+        "num_tensors": len(expected), "ignored_tensors": sorted(k for k in wf.keys if is_ignored(k, layout)),
+        "file_dtypes": file_dtypes, "num_params": num_params, "embed_dim": int(config.model.embed_dim),
+        "image_size": int(v.image_size),
+    }
+    return write_workdir(out, config, tok, variables, report, t0)
+
+
+def write_workdir(out: str, config, tok, variables: dict, report: dict, t0: float,
+                  json_files: dict | None = None) -> dict:
+    """Writes an imported model's workdir: config.json, tokenizer/ (when `tok` is given), checkpoints/0 (the
+    params only, through orbax without compression), `json_files` ({relative path: object}, e.g. a prior's
+    stats/) and reports/import.json (`report` plus the seconds taken), to `out.partial` (or a local temporary
+    folder for a gs:// `out`), then moved into place. Returns the report with "workdir"."""
+    from dalle2_jax.training import checkpoint as ckpt
+    from dalle2_jax.training.config import config_to_json
+
     remote = fileio.is_remote(out)  # a gs:// workdir is written locally, then copied up (config.json last)
     tmp = tempfile.mkdtemp(prefix="dalle2_jax_import_") if remote else out + ".partial"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     with open(os.path.join(tmp, "config.json"), "w") as f:
         f.write(config_to_json(config))
-    tok.save(os.path.join(tmp, "tokenizer"))
-    num_params = int(sum(a.size for a in flat.values()))
+    if tok is not None:
+        tok.save(os.path.join(tmp, "tokenizer"))
+    for rel, obj in (json_files or {}).items():
+        ckpt.write_json(os.path.join(tmp, rel), obj)
     meta = {"step": 0, "imported": True, "examples_seen": 0, "wall_time": 0.0}
     mngr = ckpt.make_manager(tmp, async_save=False, compress=False)  # compression would copy every array
     ckpt.save(mngr, 0, {"params": variables}, meta, None, force=True)
     mngr.wait_until_finished()
     mngr.close()
-    del flat, params, variables
-    report = {
-        "arch": arch, "layout": layout, "source": os.path.abspath(weights),
-        "source_bytes": os.path.getsize(weights), "source_sha256": _sha256(weights),
-        "num_tensors": len(expected), "ignored_tensors": sorted(k for k in wf.keys if is_ignored(k, layout)),
-        "file_dtypes": file_dtypes, "num_params": num_params, "embed_dim": int(config.model.embed_dim),
-        "image_size": int(v.image_size), "seconds": round(time.time() - t0, 2),
-    }
+    report = dict(report, seconds=round(time.time() - t0, 2))
     ckpt.write_json(os.path.join(tmp, "reports", "import.json"), report)
     if fileio.exists(out):
         fileio.remove_tree(out)
@@ -397,9 +417,183 @@ def import_clip(weights: str, config, out: str, layout: str = "auto", bpe_path: 
     else:
         os.replace(tmp, out)
     report["workdir"] = out
-    log.info("imported %s (%s layout, %d tensors, %.1fM params) into %s", arch, layout, len(expected),
-             num_params / 1e6, out)
+    log.info("imported %s (%s, %d tensors, %.1fM params) into %s", report.get("arch"), report.get("layout"),
+             report.get("num_tensors", 0), report.get("num_params", 0) / 1e6, out)
     return report
+
+
+# --- Hugging Face tower folders (karlo's text_encoder/, image_encoder/) ------------------------------------
+HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")  # what transformers' save_pretrained writes
+HF_ACTS = {"quick_gelu": "quick_gelu", "gelu": "gelu"}
+
+
+def _hf_tower_file(folder: str) -> str:
+    for name in HF_WEIGHTS:
+        if os.path.isfile(os.path.join(folder, name)):
+            return os.path.join(folder, name)
+    if os.path.isfile(os.path.join(folder, "model.safetensors.index.json")):
+        raise InputError(f"{folder}: sharded weights (model.safetensors.index.json); save the model as one file")
+    raise InputError(f"{folder}: no {' or '.join(HF_WEIGHTS)}")
+
+
+def _hf_config(folder: str, expect: str) -> dict:
+    path = os.path.join(folder, "config.json")
+    if not os.path.isfile(path):
+        raise InputError(f"{folder}: no config.json (expected a Hugging Face {expect} folder)")
+    with open(path) as f:
+        try:
+            cfg = json.load(f)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{path}: not valid JSON ({e})") from None
+    archs = cfg.get("architectures") or []
+    if archs and expect not in archs:
+        raise InputError(f"{path}: architectures is {archs}; expected {expect!r}")
+    return cfg
+
+
+def _hf_tower_sizes(cfg: dict, where: str, what: str) -> dict:
+    act = cfg.get("hidden_act", "quick_gelu")
+    if act not in HF_ACTS:
+        raise InputError(f"{where}: hidden_act {act!r}; the {what} tower supports {sorted(HF_ACTS)}")
+    width, heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
+    if width % heads:
+        raise InputError(f"{where}: hidden_size {width} is not divisible by num_attention_heads {heads}")
+    return dict(width=width, depth=int(cfg["num_hidden_layers"]), heads=heads,
+                mlp_ratio=int(cfg["intermediate_size"]) / width, act=HF_ACTS[act])
+
+
+def hf_towers_config(text_cfg: dict, vision_cfg: dict | None = None, text_where: str = "text_encoder/config.json",
+                     vision_where: str = "image_encoder/config.json"):
+    """configs/clip.py:ViT-L-14 with the sizes of a Hugging Face CLIPTextModelWithProjection config (dict) and,
+    when given, a CLIPVisionModelWithProjection config; without one the image tower is off
+    (model.image_tower False) and model.vision keeps ViT-L/14's sizes."""
+    from configs import clip as clip_configs
+
+    c = clip_configs.get_config("ViT-L-14")
+    m = c.model
+    m.arch = "hf-towers"
+    t = _hf_tower_sizes(text_cfg, text_where, "text")
+    m.text.update(t)
+    m.text.update(dict(context_length=int(text_cfg.get("max_position_embeddings", 77)),
+                       vocab_size=int(text_cfg.get("vocab_size", 49408))))
+    m.embed_dim = int(text_cfg.get("projection_dim", 512))
+    eps = float(text_cfg.get("layer_norm_eps", 1e-5))
+    m.ln_eps = eps
+    if vision_cfg is None:
+        m.image_tower = False
+        return c
+    v = _hf_tower_sizes(vision_cfg, vision_where, "image")
+    m.vision.update(v)
+    m.vision.update(dict(image_size=int(vision_cfg["image_size"]), patch_size=int(vision_cfg["patch_size"])))
+    if int(vision_cfg.get("num_channels", 3)) != 3:
+        raise InputError(f"{vision_where}: num_channels {vision_cfg['num_channels']}; CLIP's image tower reads RGB")
+    if int(vision_cfg.get("projection_dim", 512)) != m.embed_dim:
+        raise InputError(f"{vision_where}: projection_dim {vision_cfg.get('projection_dim', 512)} differs from the "
+                         f"text encoder's {m.embed_dim}; the two towers must embed into one space")
+    if float(vision_cfg.get("layer_norm_eps", 1e-5)) != eps:
+        raise InputError(f"{vision_where}: layer_norm_eps differs from the text encoder's; ours is one value")
+    if m.vision.image_size % m.vision.patch_size:
+        raise InputError(f"{vision_where}: image_size {m.vision.image_size} is not divisible by patch_size "
+                         f"{m.vision.patch_size}")
+    c.data.resolution = int(m.vision.image_size)
+    return c
+
+
+def check_hf_tokenizer(folder: str, tok) -> None:
+    """Refuses a Hugging Face CLIPTokenizer folder whose vocabulary or merges differ from CLIP's BPE (`tok`, a
+    ClipBpeTokenizer), naming the first difference; our tokenizer then encodes exactly as it does."""
+    vocab_path, merges_path = os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt")
+    for path in (vocab_path, merges_path):
+        if not os.path.isfile(path):
+            raise InputError(f"{folder}: no {os.path.basename(path)} (expected a CLIPTokenizer folder)")
+    with open(vocab_path, encoding="utf-8") as f:
+        vocab = json.load(f)
+    specials = {"<|startoftext|>": tok.sot_id, "<|endoftext|>": tok.eot_id}
+    if len(vocab) != tok.vocab_size:
+        raise InputError(f"{vocab_path}: {len(vocab)} tokens; CLIP's BPE has {tok.vocab_size}")
+    for token, i in vocab.items():
+        want = specials.get(token, tok.encoder.get(token))
+        if want != i:
+            raise InputError(f"{vocab_path}: token {token!r} has id {i}, CLIP's BPE gives {want}; this is not "
+                             "CLIP's vocabulary")
+    with open(merges_path, encoding="utf-8") as f:
+        lines = [ln for ln in f.read().split("\n") if ln and not ln.startswith("#version")]
+    ours = sorted(tok.ranks, key=tok.ranks.get)
+    for i, (line, merge) in enumerate(zip(lines, ours)):
+        if tuple(line.split()) != merge:
+            raise InputError(f"{merges_path}: merge {i} is {line!r}, CLIP's BPE has {' '.join(merge)!r}")
+    if len(lines) != len(ours):
+        raise InputError(f"{merges_path}: {len(lines)} merges; CLIP's BPE has {len(ours)}")
+
+
+def import_hf_towers(text_folder: str, out: str, vision_folder: str | None = None,
+                     tokenizer_folder: str | None = None, overwrite: bool = False) -> dict:
+    """Imports Hugging Face CLIP tower folders (a CLIPTextModelWithProjection, as karlo's text_encoder/, and
+    optionally a CLIPVisionModelWithProjection, as karlo-image-variations' image_encoder/) into a CLIP workdir.
+    Without an image tower the workdir's CLIP has model.image_tower False (text -> image generation only). The
+    tokenizer is CLIP's BPE (the packaged merges file); a `tokenizer_folder` (karlo's tokenizer/) is checked to
+    hold exactly that vocabulary. The temperature is not in these files: it is set to log(100), OpenAI's trained
+    value, and unused by generation. Raises InputError for a folder that does not fit (named)."""
+    import jax
+
+    from dalle2_jax.models.clip import build_clip, init_clip
+    from dalle2_jax.text import ClipBpeTokenizer
+
+    t0 = time.time()
+    out = fileio.resolve(out)
+    if fileio.exists(out) and fileio.listdir(out) and not overwrite:
+        raise InputError(f"{out!r} exists and is not empty; choose another --out or pass --overwrite")
+    tw = os.path.join(text_folder, "config.json")
+    text_cfg = _hf_config(text_folder, "CLIPTextModelWithProjection")
+    vision_cfg = _hf_config(vision_folder, "CLIPVisionModelWithProjection") if vision_folder else None
+    config = hf_towers_config(text_cfg, vision_cfg, tw, os.path.join(vision_folder or "", "config.json"))
+    tok = ClipBpeTokenizer(None, int(config.model.text.context_length))
+    if int(config.model.text.vocab_size) != tok.vocab_size:
+        raise InputError(f"{tw}: vocab_size {config.model.text.vocab_size}; CLIP's BPE has {tok.vocab_size}")
+    if tokenizer_folder:
+        check_hf_tokenizer(tokenizer_folder, tok)
+    sources = [("text", text_folder)] + ([("vision", vision_folder)] if vision_folder else [])
+    flat: dict[Path, np.ndarray] = {}
+    files, num_tensors, ignored = {}, 0, []
+    for tower, folder in sources:
+        path = _hf_tower_file(folder)
+        wf = WeightFile(path)
+        expected = expected_tensors_for(config.model, "hf", (tower,))
+        check_tensors(wf, expected, "hf", f"the {tower} tower its config.json describes")
+        for step in conversion_plan(config.model, "hf", (tower,), logit_scale=False):
+            loaded = {k: wf.get(k) for k in step.sources}
+            flat.update({k: jax.device_put(a) for k, a in step.build(loaded).items()})
+        files[tower] = {"source": os.path.abspath(path), "source_bytes": os.path.getsize(path),
+                        "source_sha256": _sha256(path)}
+        num_tensors += len(expected)
+        ignored += sorted(k for k in wf.keys if is_ignored(k, "hf"))
+    flat[("logit_scale",)] = jax.device_put(np.asarray(np.log(100.0), np.float32))
+    params = _nest(flat)
+    model = build_clip(config.model, tok.eot_id)
+    abstract = jax.eval_shape(lambda: init_clip(model, jax.random.key(0)))
+    import flax
+
+    want = {jax.tree_util.keystr(k): tuple(x.shape)
+            for k, x in jax.tree_util.tree_leaves_with_path(flax.linen.unbox(abstract))}
+    got = {jax.tree_util.keystr(k): tuple(x.shape) for k, x in jax.tree_util.tree_leaves_with_path({"params": params})}
+    if want != got:
+        diff = sorted(set(want.items()) ^ set(got.items()))[:10]
+        raise RuntimeError(f"internal: converted params do not match the model: {diff}")
+    report = {"arch": "hf-towers", "layout": "hf", "towers": [t for t, _ in sources], "files": files,
+              "num_tensors": num_tensors, "ignored_tensors": ignored,
+              "num_params": int(sum(a.size for a in flat.values())), "embed_dim": int(config.model.embed_dim),
+              "image_size": int(config.model.vision.image_size) if vision_folder else None,
+              "logit_scale": "not in the files: log(100), OpenAI's trained value (unused by generation)"}
+    del flat
+    return write_workdir(out, config, tok, {"params": params}, report, t0)
+
+
+def expected_tensors_for(model_cfg, layout: str, towers: tuple[str, ...]) -> dict[str, tuple[int, ...]]:
+    """The tensors (name -> shape) of the given towers of a CLIP in `layout`, without the temperature."""
+    out: dict[str, tuple[int, ...]] = {}
+    for step in conversion_plan(model_cfg, layout, towers, logit_scale=False):
+        out.update(step.sources)
+    return out
 
 
 # --- CLI -------------------------------------------------------------------------------------------------

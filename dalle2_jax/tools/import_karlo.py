@@ -67,6 +67,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 from typing import Any, Callable
 
 import numpy as np
@@ -803,3 +804,235 @@ def load_super_res(first_folder: str, last_folder: str) -> ImportedSuperRes:
                          f"from {os.path.join(first_folder, 'config.json')}; both super-res UNets share one config")
     num_params = int(sum(a.size for a in jax.tree.leaves(first)))
     return ImportedSuperRes(config=config, first=first, last=last, num_tensors=n, num_params=num_params)
+
+
+# --- the bundle and the workdirs -------------------------------------------------------------------------
+COMPONENTS = ("prior", "text_proj", "decoder", "super_res_first", "super_res_last", "text_encoder", "tokenizer")
+TEXT_CLASS, VISION_CLASS = "CLIPTextModelWithProjection", "CLIPVisionModelWithProjection"
+
+
+def _cross_check(prior_config, clip_config, decoder_config, where: dict) -> None:
+    """Refuses components of different karlo-style models before anything is written, naming the files."""
+    cm, pm, dm = clip_config.model, prior_config.model, decoder_config.model
+    pairs = (("the CLIP embedding", int(pm.clip_embed_dim), int(cm.embed_dim), "prior", "embedding_dim",
+              "projection_dim"),
+             ("the caption length", int(pm.clip_context_length), int(cm.text.context_length), "prior",
+              "num_embeddings", "max_position_embeddings"),
+             ("the caption token width", int(pm.clip_text_width), int(cm.text.width), "prior", "embedding_dim",
+              "hidden_size"),
+             ("the CLIP embedding", int(dm.clip_embed_dim), int(cm.embed_dim), "text_proj", "clip_embeddings_dim",
+              "projection_dim"),
+             ("the caption token width", int(dm.clip_text_width), int(cm.text.width), "text_proj",
+              "clip_embeddings_dim", "hidden_size"))
+    for what, theirs, clip_value, comp, key, clip_key in pairs:
+        if theirs != clip_value:
+            raise InputError(f"{where[comp]}: {key} {theirs} does not fit {where['text_encoder']}'s {clip_key} "
+                             f"{clip_value} ({what}): the folders come from different models")
+
+
+def write_karlo(weights: str, out: str, workdirs: str | None = None, image_encoder: str | None = None,
+                dtype: str = "float32", overwrite: bool = False, log: Callable[[str], None] = print) -> dict:
+    """Imports a karlo-style diffusers UnCLIPPipeline folder `weights` into an inference bundle `out` (clip, prior,
+    decoder, upsampler_64to256 with super_res_last as its last-step model) and, with `workdirs`, one training
+    workdir per model for fine-tuning through config.init_from (clip, prior, decoder, upsampler = super_res_first,
+    upsampler_last = super_res_last). `image_encoder`: a CLIPVisionModelWithProjection folder (default:
+    weights/image_encoder when present) for variations and fine-tuning; without one the CLIP is its text tower.
+    One component is held in memory at a time (float32 while converting, cast to `dtype` for the bundle).
+    Returns the report (also out/import_report.json)."""
+    import time
+
+    import jax
+
+    from dalle2_jax.inference import bundle as B
+    from dalle2_jax.tools import import_clip
+    from dalle2_jax.training import checkpoint as ckpt
+    from dalle2_jax.training.config import config_to_json
+
+    t0 = time.time()
+    if dtype not in B.DTYPES:
+        raise InputError(f"--dtype must be one of {B.DTYPES}, got {dtype!r}")
+    if not os.path.isdir(weights):
+        raise InputError(f"--weights {weights!r}: no such directory (a diffusers karlo folder: "
+                         f"{', '.join(COMPONENTS)})")
+    folders = {c: os.path.join(weights, c) for c in COMPONENTS}
+    missing = [c for c, f in folders.items() if not os.path.isdir(f)]
+    if missing:
+        raise InputError(f"--weights {weights!r} lacks {', '.join(f'{m}/' for m in missing)} (a karlo folder has "
+                         f"{', '.join(COMPONENTS)})")
+    if image_encoder is None and os.path.isdir(os.path.join(weights, "image_encoder")):
+        image_encoder = os.path.join(weights, "image_encoder")
+    if image_encoder is not None and not os.path.isdir(image_encoder):
+        raise InputError(f"--image_encoder {image_encoder!r}: no such directory")
+    out = os.path.abspath(out)
+    for path, flag in ((out, "--out"),) + (((os.path.abspath(workdirs), "--workdirs"),) if workdirs else ()):
+        if os.path.exists(path) and os.listdir(path) and not overwrite:
+            raise InputError(f"{flag} {path!r} exists and is not empty; choose another or pass --overwrite")
+
+    # every config first (cheap): a folder that does not fit is refused before anything is written
+    where = {c: os.path.join(f, "config.json") for c, f in folders.items()}
+    prior_config = karlo_prior_config(read_component_config(folders["prior"], PRIOR_CLASS), where["prior"])
+    decoder_config = karlo_decoder_config(read_component_config(folders["decoder"], DECODER_CLASS),
+                                          read_component_config(folders["text_proj"], TEXT_PROJ_CLASS),
+                                          where["decoder"], where["text_proj"])
+    sr_config = karlo_super_res_config(read_component_config(folders["super_res_first"], SUPER_RES_CLASS),
+                                       where["super_res_first"])
+    text_cfg = import_clip._hf_config(folders["text_encoder"], TEXT_CLASS)
+    vision_cfg = import_clip._hf_config(image_encoder, VISION_CLASS) if image_encoder else None
+    clip_config = import_clip.hf_towers_config(text_cfg, vision_cfg, where["text_encoder"],
+                                               os.path.join(image_encoder or "", "config.json"))
+    _cross_check(prior_config, clip_config, decoder_config, where)
+    if int(sr_config.data.low_res_resolution) != int(decoder_config.data.resolution):
+        raise InputError(f"{where['super_res_first']}: sample_size {sr_config.data.resolution} is not 4 x the "
+                         f"decoder's {decoder_config.data.resolution} (karlo's super-res upsamples 4x)")
+
+    tmp = out + ".partial"
+    wtmp = os.path.abspath(workdirs) + ".partial" if workdirs else None
+    for d in (tmp, wtmp):
+        if d:
+            shutil.rmtree(d, ignore_errors=True)
+            os.makedirs(d)
+    report: dict = {"source": os.path.abspath(weights), "dtype": dtype, "components": {}}
+    try:
+        # the CLIP: a workdir (the bundle's clip stage is read from it)
+        clip_wd = os.path.join(wtmp or tmp, "clip")
+        log(f"clip: importing {folders['text_encoder']}" + (f" and {image_encoder}" if image_encoder else
+                                                           " (text tower only: no image encoder)"))
+        clip_report = import_clip.import_hf_towers(folders["text_encoder"], clip_wd, image_encoder,
+                                                   folders["tokenizer"], overwrite=True)
+        report["components"]["clip"] = {k: clip_report[k] for k in ("towers", "num_tensors", "num_params", "files")}
+        entries = []
+        sdir = os.path.join(tmp, "clip")
+        os.makedirs(sdir)
+        shutil.copytree(os.path.join(clip_wd, "tokenizer"), os.path.join(sdir, "tokenizer"))
+        shutil.copy(os.path.join(clip_wd, "config.json"), os.path.join(sdir, "config.json"))
+        stage = B.build_stage("clip", ckpt.read_config(clip_wd), sdir, None)
+        _, clip_params, _ = ckpt.load_params(clip_wd)
+        entries.append(B.write_stage_models(tmp, "clip", "clip", stage, {"main": jax.device_get(clip_params)}, dtype,
+                                            {"main": {"diffusers": folders["text_encoder"]}}))
+        del clip_params
+        clip_dir = os.path.join(tmp, "clip")
+
+        def stage_dir(name: str, config, json_files: dict | None = None) -> tuple[str, Any]:
+            d = os.path.join(tmp, name)
+            os.makedirs(d)
+            for rel, obj in (json_files or {}).items():
+                ckpt.write_json(os.path.join(d, rel), obj)
+            saved = config.copy_and_resolve_references()
+            if "clip_workdir" in saved:
+                saved.clip_workdir = ""
+            with open(os.path.join(d, "config.json"), "w") as f:
+                f.write(config_to_json(saved))
+            return d, B.build_stage(stage_kind[name], saved, d, clip_dir)
+
+        def workdir(name: str, config, variables: dict, json_files: dict | None = None, tok: bool = True) -> None:
+            if not wtmp:
+                return
+            config = config.copy_and_resolve_references()
+            if "clip_workdir" in config:
+                config.clip_workdir = os.path.join(os.path.abspath(workdirs), "clip")
+            tokenizer = None
+            if tok:
+                from dalle2_jax.text import load_tokenizer
+
+                tokenizer = load_tokenizer(os.path.join(clip_wd, "tokenizer"))
+            import_clip.write_workdir(os.path.join(wtmp, name), config, tokenizer,
+                                      jax.tree.map(jax.device_put, variables),
+                                      {"source": os.path.abspath(weights), "component": name}, time.time(),
+                                      json_files)
+
+        stage_kind = {"prior": "prior", "decoder": "decoder", "upsampler_64to256": "upsampler"}
+        # the prior
+        log(f"prior: importing {folders['prior']}")
+        prior = load_prior(folders["prior"])
+        prior.config.data.resolution = int(clip_config.model.vision.image_size)  # the prior's images feed the CLIP
+        stats = {"num_examples": 0, "source": "karlo clip_mean / clip_std", "mean": prior.stats["mean"].tolist(),
+                 "std": prior.stats["std"].tolist()}
+        json_files = {os.path.join("stats", "image_embedding_stats.json"): stats}
+        _, stage = stage_dir("prior", prior.config, json_files)
+        entries.append(B.write_stage_models(tmp, "prior", "prior", stage, {"main": prior.variables}, dtype,
+                                            {"main": {"diffusers": folders["prior"]}}))
+        workdir("prior", prior.config, prior.variables, json_files)
+        report["components"]["prior"] = {"num_tensors": prior.num_tensors, "num_params": prior.num_params}
+        del prior
+        # the decoder (+ text_proj)
+        log(f"decoder: importing {folders['decoder']} and {folders['text_proj']}")
+        dec = load_decoder(folders["decoder"], folders["text_proj"])
+        _, stage = stage_dir("decoder", dec.config)
+        entries.append(B.write_stage_models(tmp, "decoder", "decoder", stage, {"main": dec.variables}, dtype,
+                                            {"main": {"diffusers": [folders["decoder"], folders["text_proj"]]}}))
+        workdir("decoder", dec.config, dec.variables)
+        report["components"]["decoder"] = {"num_tensors": dec.num_tensors, "num_params": dec.num_params}
+        del dec
+        # the super-res UNets: one stage, two models
+        log(f"upsampler: importing {folders['super_res_first']} and {folders['super_res_last']}")
+        sr = load_super_res(folders["super_res_first"], folders["super_res_last"])
+        name = f"upsampler_{int(sr.config.data.low_res_resolution)}to{int(sr.config.data.resolution)}"
+        stage_kind[name] = "upsampler"
+        _, stage = stage_dir(name, sr.config)
+        entries.append(B.write_stage_models(tmp, name, "upsampler", stage, {"main": sr.first, "last_step": sr.last},
+                                            dtype, {"main": {"diffusers": folders["super_res_first"]},
+                                                    "last_step": {"diffusers": folders["super_res_last"]}}))
+        one = sr.config.copy_and_resolve_references()
+        one.model.last_step_model = False  # each super-res UNet fine-tunes on its own
+        workdir("upsampler", one, sr.first, tok=False)
+        workdir("upsampler_last", one, sr.last, tok=False)
+        report["components"]["upsampler"] = {"num_tensors": 2 * sr.num_tensors, "num_params": 2 * sr.num_params}
+        del sr
+        report["num_params"] = int(sum(c["num_params"] for c in report["components"].values()))
+        report["seconds"] = round(time.time() - t0, 1)
+        with open(os.path.join(tmp, "import_report.json"), "w") as f:
+            json.dump(report, f, indent=2)
+        if not wtmp:
+            shutil.rmtree(clip_wd, ignore_errors=True)
+        for final, partial in ((out, tmp),) + (((os.path.abspath(workdirs), wtmp),) if wtmp else ()):
+            if os.path.exists(final):
+                shutil.rmtree(final)
+        if wtmp:
+            os.replace(wtmp, os.path.abspath(workdirs))
+        B.finish_bundle(tmp, out, entries, log)
+    except BaseException:
+        for d in (tmp, wtmp):
+            if d:
+                shutil.rmtree(d, ignore_errors=True)
+        raise
+    report["bundle"] = out
+    if workdirs:
+        report["workdirs"] = {n: os.path.join(os.path.abspath(workdirs), n)
+                              for n in ("clip", "prior", "decoder", "upsampler", "upsampler_last")}
+    return report
+
+
+# --- CLI -------------------------------------------------------------------------------------------------
+def define_flags(fv) -> None:
+    from absl import flags
+
+    flags.DEFINE_string("weights", None, "A diffusers karlo folder (kakaobrain/karlo-v1-alpha as downloaded): prior/, "
+                        "text_proj/, decoder/, super_res_first/, super_res_last/, text_encoder/, tokenizer/.",
+                        flag_values=fv)
+    flags.DEFINE_string("out", None, "The inference bundle to write.", flag_values=fv)
+    flags.DEFINE_string("workdirs", None, "Also write one training workdir per model here (clip, prior, decoder, "
+                        "upsampler, upsampler_last), to fine-tune through --config.init_from.", flag_values=fv)
+    flags.DEFINE_string("image_encoder", None, "A CLIPVisionModelWithProjection folder (karlo-v1-alpha-image-"
+                        "variations' image_encoder/) for variations and fine-tuning; default WEIGHTS/image_encoder "
+                        "when present, else the CLIP is its text tower only.", flag_values=fv)
+    flags.DEFINE_enum("dtype", "float32", ("float32", "bfloat16"), "The bundle's params dtype (the workdirs stay "
+                      "float32).", flag_values=fv)
+    flags.DEFINE_bool("overwrite", False, "Replace an existing --out / --workdirs.", flag_values=fv)
+
+
+def main(fv) -> None:
+    from dalle2_jax.cli_util import exit_on_errors
+
+    with exit_on_errors():
+        report = write_karlo(fv.weights, fv.out, fv.workdirs, fv.image_encoder, fv.dtype, fv.overwrite)
+    print(json.dumps({k: report[k] for k in ("bundle", "num_params", "seconds", "dtype") if k in report}))
+
+
+def run(argv: list[str] | None = None) -> None:
+    from dalle2_jax.cli_util import run_program
+
+    run_program(__doc__, define_flags, main, argv, required=("weights", "out"))
+
+
+if __name__ == "__main__":
+    run()
