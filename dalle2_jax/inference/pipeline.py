@@ -229,6 +229,10 @@ class UnCLIPPipeline:
 
     def embed_images(self, images: np.ndarray) -> np.ndarray:
         """uint8 [N, S, S, 3] at the CLIP's image size -> the decoder's conditioning embeddings [N, E]."""
+        if not self.clip.stage.config.model.get("image_tower", True):
+            raise InputError("this bundle's CLIP has no image tower (karlo ships only CLIP's text encoder), so it "
+                             "cannot embed images: import again with an image encoder (tools.import_karlo "
+                             "--image_encoder DIR, e.g. karlo-v1-alpha-image-variations' image_encoder/)")
         dec = self.decoder.stage
         fn = self._fn(("embed",), lambda: jax.jit(dec.conditioning_embedding))
         return to_host(fn(self.clip.params, images))

@@ -894,7 +894,7 @@ def write_karlo(weights: str, out: str, workdirs: str | None = None, image_encod
     report: dict = {"source": os.path.abspath(weights), "dtype": dtype, "components": {}}
     try:
         # the CLIP: a workdir (the bundle's clip stage is read from it)
-        clip_wd = os.path.join(wtmp or tmp, "clip")
+        clip_wd = os.path.join(wtmp, "clip") if wtmp else os.path.join(tmp, "_clip_workdir")  # removed below
         log(f"clip: importing {folders['text_encoder']}" + (f" and {image_encoder}" if image_encoder else
                                                            " (text tower only: no image encoder)"))
         clip_report = import_clip.import_hf_towers(folders["text_encoder"], clip_wd, image_encoder,
@@ -920,6 +920,7 @@ def write_karlo(weights: str, out: str, workdirs: str | None = None, image_encod
             saved = config.copy_and_resolve_references()
             if "clip_workdir" in saved:
                 saved.clip_workdir = ""
+            saved.model.dtype = dtype  # computes in the params' dtype: float32 runs as diffusers does in fp32
             with open(os.path.join(d, "config.json"), "w") as f:
                 f.write(config_to_json(saved))
             return d, B.build_stage(stage_kind[name], saved, d, clip_dir)
@@ -937,8 +938,11 @@ def write_karlo(weights: str, out: str, workdirs: str | None = None, image_encod
                 tokenizer = load_tokenizer(os.path.join(clip_wd, "tokenizer"))
             import_clip.write_workdir(os.path.join(wtmp, name), config, tokenizer,
                                       jax.tree.map(jax.device_put, variables),
-                                      {"source": os.path.abspath(weights), "component": name}, time.time(),
-                                      json_files)
+                                      {"arch": f"karlo {name}", "layout": "diffusers",
+                                       "source": os.path.abspath(weights),
+                                       "num_tensors": len(jax.tree.leaves(variables)),
+                                       "num_params": int(sum(a.size for a in jax.tree.leaves(variables)))},
+                                      time.time(), json_files)
 
         stage_kind = {"prior": "prior", "decoder": "decoder", "upsampler_64to256": "upsampler"}
         # the prior
