@@ -241,6 +241,11 @@ class UnCLIPPipeline:
         return load_image(image, what)  # cropped to a square by CLIP's preprocessing in _embed_and_invert
 
     def _empty_tokens(self, n: int) -> np.ndarray:
+        """The decoder's caption when there is none (variations, interpolation, text diffs): all padding (the
+        caption transformer's null caption), or the empty caption's tokens for a decoder conditioned on the
+        CLIP's text encodings (karlo's variations condition on the empty caption's encodings)."""
+        if self.decoder.stage.clip_text_conditioning:
+            return np.repeat(self.tokenizer.encode_batch([""]), n, 0)
         return np.full((n, self.tokenizer.context_length), self.tokenizer.pad_id, np.int32)
 
     def _keys(self, seed: int) -> Callable[[int], jax.Array]:
