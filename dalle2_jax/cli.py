@@ -15,6 +15,7 @@ COMMANDS = {
     "params": ("dalle2_jax.tools.params", "count a config's parameters (no memory)"),
     "embed": ("dalle2_jax.tools.embed", "precompute a frozen CLIP's embeddings of a data set"),
     "import-clip": ("dalle2_jax.tools.import_clip", "import released CLIP weights (OpenCLIP/OpenAI/HF) as a workdir"),
+    "import-karlo": ("dalle2_jax.tools.import_karlo", "import karlo's released unCLIP (diffusers folder) as a bundle"),
     "clip-score": ("dalle2_jax.tools.clip_score", "cosines between images and texts under a CLIP workdir"),
     "build-folder": ("dalle2_jax.tools.build_folder", "build a TFDS data set from a folder of captioned images"),
     "export": ("dalle2_jax.export", "turn trained workdirs into one inference bundle"),

@@ -72,6 +72,9 @@ from typing import Any, Callable
 
 import numpy as np
 
+from absl import flags
+
+from dalle2_jax.cli_util import exit_on_errors, run_program
 from dalle2_jax.inference.errors import InputError
 from dalle2_jax.tools.import_clip import WeightFile
 
@@ -1007,9 +1010,7 @@ def write_karlo(weights: str, out: str, workdirs: str | None = None, image_encod
 
 
 # --- CLI -------------------------------------------------------------------------------------------------
-def define_flags(fv) -> None:
-    from absl import flags
-
+def define_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_string("weights", None, "A diffusers karlo folder (kakaobrain/karlo-v1-alpha as downloaded): prior/, "
                         "text_proj/, decoder/, super_res_first/, super_res_last/, text_encoder/, tokenizer/.",
                         flag_values=fv)
@@ -1024,17 +1025,13 @@ def define_flags(fv) -> None:
     flags.DEFINE_bool("overwrite", False, "Replace an existing --out / --workdirs.", flag_values=fv)
 
 
-def main(fv) -> None:
-    from dalle2_jax.cli_util import exit_on_errors
-
+def main(fv: flags.FlagValues) -> None:
     with exit_on_errors():
         report = write_karlo(fv.weights, fv.out, fv.workdirs, fv.image_encoder, fv.dtype, fv.overwrite)
     print(json.dumps({k: report[k] for k in ("bundle", "num_params", "seconds", "dtype") if k in report}))
 
 
 def run(argv: list[str] | None = None) -> None:
-    from dalle2_jax.cli_util import run_program
-
     run_program(__doc__, define_flags, main, argv, required=("weights", "out"))
 
 
