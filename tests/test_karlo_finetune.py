@@ -86,6 +86,7 @@ def test_karlo_configs_drop_for_guidance():
     assert prior_config("karlo").model.cond_drop_prob == 0.1
 
 
+@pytest.mark.slow  # ~3 min on 2 shared CPU cores: the train step's and the sampler's compilation, eager losses
 def test_karlo_decoder_finetunes(karlo_workdirs, shapes_256_data_dir, tmp_path):
     from dalle2_jax.stages.decoder import DecoderStage
     from dalle2_jax.training.trainer import train
@@ -102,13 +103,6 @@ def test_karlo_decoder_finetunes(karlo_workdirs, shapes_256_data_dir, tmp_path):
     stage.setup_model()
     frozen = stage.clip_params()
     batch = _batch(stage, cfg.data)
-    assert batch["clip_image"].shape[1:] == (32, 32, 3) and batch["image"].shape[1:] == (16, 16, 3)
-    drop = jnp.array([True, False])
-    text = stage.training_text(frozen, batch["tokens"], drop)
-    empty, real = stage.empty_text(frozen), stage.clip_text(frozen, batch["tokens"])
-    for got, e, r in zip(text, empty, real):
-        np.testing.assert_array_equal(got[0], e[0])
-        np.testing.assert_array_equal(got[1], r[1])
     # the loss with every caption dropped == the loss on empty captions with none dropped
     from dalle2_jax.training.checkpoint import load_params
 
@@ -120,11 +114,9 @@ def test_karlo_decoder_finetunes(karlo_workdirs, shapes_256_data_dir, tmp_path):
     stage.config.model.caption_drop_prob = 0.0
     assert dropped == pytest.approx(float(stage.loss(params, empty_batch, rng, frozen)[0]), rel=1e-5)
     assert dropped != pytest.approx(float(stage.loss(params, batch, rng, frozen)[0]), rel=1e-5)
-    # the conditioning embedding is the raw image-tower embedding
-    emb = stage.conditioning_embedding(frozen, batch["clip_image"])
-    assert not np.allclose(np.linalg.norm(emb, axis=-1), 1.0, atol=1e-3)
 
 
+@pytest.mark.slow
 def test_karlo_prior_finetunes_with_karlo_stats(karlo_workdirs, shapes_256_data_dir, tmp_path, caplog):
     import logging
 
@@ -146,20 +138,9 @@ def test_karlo_prior_finetunes_with_karlo_stats(karlo_workdirs, shapes_256_data_
 
     stage = PriorStage(cfg, str(tmp_path / "prior"))
     stage.setup_model()
+    np.testing.assert_allclose(stage.emb_mean, stats["mean"], rtol=1e-6)
     frozen = stage.clip_params()
     batch = _batch(stage, cfg.data)
-    # the targets are the raw image embeddings (karlo's stats standardise them)
-    img = stage.clip_image(frozen, batch["image"])
-    raw = stage.clip.apply(frozen, batch["image"].astype(jnp.float32) / 255.0, False, method=stage.clip.encode_image)
-    np.testing.assert_allclose(img, raw, rtol=1e-6)
-    assert not np.allclose(np.linalg.norm(img, axis=-1), 1.0, atol=1e-3)
-    np.testing.assert_allclose(stage.emb_mean, stats["mean"], rtol=1e-6)
-    # dropped rows take the empty caption's text embedding, token states and mask
-    text = stage.training_text(frozen, batch["tokens"], jnp.array([False, True]))
-    empty, real = stage.empty_text(frozen), stage.clip_text(frozen, batch["tokens"])
-    for got, e, r in zip(text, empty, real):
-        np.testing.assert_array_equal(got[1], e[0])
-        np.testing.assert_array_equal(got[0], r[0])
     params = load_params(os.path.join(w, "prior"))[1]
     empty_batch = dict(batch, tokens=jnp.broadcast_to(jnp.asarray(stage.empty_caption_tokens()), batch["tokens"].shape))
     rng = jax.random.key(5)
@@ -169,6 +150,7 @@ def test_karlo_prior_finetunes_with_karlo_stats(karlo_workdirs, shapes_256_data_
     assert dropped == pytest.approx(float(stage.loss(params, empty_batch, rng, frozen)[0]), rel=1e-5)
 
 
+@pytest.mark.slow
 def test_karlo_upsampler_finetunes(karlo_workdirs, shapes_256_data_dir, tmp_path):
     from dalle2_jax.training.trainer import train
 
@@ -177,6 +159,40 @@ def test_karlo_upsampler_finetunes(karlo_workdirs, shapes_256_data_dir, tmp_path
                        **{"model.last_step_model": False})
     out = train(cfg, str(tmp_path / "sr"))
     _check_finetuned(str(tmp_path / "sr"), os.path.join(w, "upsampler"), out)
+
+
+def test_karlo_dropped_captions_are_the_empty_caption(karlo_workdirs, shapes_256_data_dir, tmp_path):
+    """The loss pieces with the drop forced: a dropped row takes the empty caption's CLIP encodings (text
+    embedding, token states, mask; the sampler's unconditional half), a kept row its caption's; the image
+    embeddings (decoder condition, prior target) are the CLIP's raw ones."""
+    from dalle2_jax.stages.decoder import DecoderStage
+    from dalle2_jax.stages.prior import PriorStage
+
+    w = karlo_workdirs
+    dcfg = karlo_config("decoder", "karlo", w, "decoder", shapes_256_data_dir, **{"data.image_key": "image_64"})
+    pcfg = karlo_config("prior", "karlo", w, "prior", shapes_256_data_dir,
+                        **{"data.image_key": "image_64", "data.resolution": 32})
+    for cls, cfg in ((DecoderStage, dcfg), (PriorStage, pcfg)):
+        stage = cls(cfg, str(tmp_path / cls.name))
+        stage.copy_clip_tokenizer()
+        stage.setup_model()
+        frozen = stage.clip_params()
+        batch = _batch(stage, cfg.data)
+        assert not stage.unit_text_embedding
+        text = stage.training_text(frozen, batch["tokens"], jnp.array([True, False]))
+        empty, real = stage.empty_text(frozen), stage.clip_text(frozen, batch["tokens"])
+        np.testing.assert_array_equal(stage.empty_caption_tokens(), stage.tokenizer.encode_batch([""]))
+        for got, e, r in zip(text, empty, real):
+            np.testing.assert_array_equal(got[0], e[0])
+            np.testing.assert_array_equal(got[1], r[1])
+        assert not np.array_equal(real[0][0], empty[0][0])
+        images = batch.get("clip_image", batch["image"])
+        assert images.shape[1:] == (32, 32, 3)
+        emb = stage.conditioning_embedding(frozen, images) if cls is DecoderStage else stage.clip_image(frozen, images)
+        raw = stage.clip.apply(frozen, images.astype(jnp.float32) / 255.0, False, method=stage.clip.encode_image)
+        np.testing.assert_allclose(emb, raw, rtol=1e-6)
+        assert not np.allclose(np.linalg.norm(emb, axis=-1), 1.0, atol=1e-3)
+    assert batch["image"].shape[1:] == (32, 32, 3)  # the prior's
 
 
 def test_karlo_decoder_config_errors(karlo_workdirs, shapes_256_data_dir, tmp_path):
