@@ -217,7 +217,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         m.attention_resolutions, m.head_channels = (32, 16, 8), 64
         m.groups, m.scale_shift, m.resblock_updown = 32, True, True
         m.image_tokens, m.normalize_embedding = 4, False
-        m.caption_depth, m.caption_drop_prob = 0, 0.0
+        # caption_drop_prob: for guidance in fine-tuning, half of the captions are replaced by the empty caption's
+        # CLIP encodings (the unconditional half sampling uses), as the paper drops them 50% of the time
+        m.caption_depth, m.caption_drop_prob = 0, 0.5
         m.clip_text_conditioning, m.context_width = True, 1536
         m.clip_embed_dim, m.clip_vocab_size, m.clip_context_length, m.clip_text_width = 768, 49408, 77, 768
         m.dtype = "bfloat16"

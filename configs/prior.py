@@ -146,7 +146,10 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
             # variance, embeddings standardised with karlo's clip_mean / clip_std (stats/, from the import).
             m.text_token_norm = False
             m.null_text_embedding = False
-            m.cond_drop_prob = 0.0
+            # fine-tuning (--config.init_from=<import>/prior): 10% of the captions are replaced by the empty
+            # caption's CLIP encodings, the unconditional input guidance uses; the standardisation statistics
+            # come with the params (stats/ copied from init_from, not measured on the new data)
+            m.cond_drop_prob = 0.1
             c.diffusion.schedule = "cosine"
             c.diffusion.num_steps = 1000
             c.diffusion.model_output = "x0"

@@ -168,9 +168,10 @@ def test_decoder_config_errors(shapes_data_dir, trained_clip, tmp_path):
     with pytest.raises(ConfigError, match="config.model.context_width: 48: must be 0"):
         validate_config(small_decoder_config(shapes_data_dir, trained_clip, **{"model.context_width": 48}),
                         num_devices=1)
-    with pytest.raises(ConfigError, match="config.model.clip_text_conditioning: training and sampling"):
+    with pytest.raises(ConfigError, match="config.data.embeddings_dir: a decoder with model.clip_text_conditioning"):
         validate_config(small_decoder_config(shapes_data_dir, trained_clip, **{
-            "model.clip_text_conditioning": True, "model.caption_depth": 0}), num_devices=1)
+            "model.clip_text_conditioning": True, "model.caption_depth": 0, "data.embeddings_dir": str(tmp_path)}),
+            num_devices=1)
 
 
 @pytest.mark.slow

@@ -6,6 +6,7 @@ from typing import Any
 
 import grain
 import jax
+import numpy as np
 
 from dalle2_jax import diffusion as D, fileio
 from dalle2_jax.text import META_FILE as TOKENIZER_META
@@ -176,6 +177,20 @@ class FrozenClipMixin:
         valid = jnp.where(jnp.any(is_eot, axis=-1, keepdims=True), through_eot, tokens != pad)
         return jax.lax.stop_gradient(emb.astype(jnp.float32)), jax.lax.stop_gradient(states.astype(jnp.float32)), \
             valid
+
+    def empty_caption_tokens(self):
+        """[1, L] int32: the empty caption's CLIP tokens (karlo's unconditional text input: guidance's
+        unconditional half and, in training, the rows whose caption is dropped). Without a tokenizer (AOT
+        compilation from a CLIP config) a row holding only the end-of-text token stands in (same shape)."""
+        if self.tokenizer is not None:
+            return np.asarray(self.tokenizer.encode_batch([""]), np.int32)
+        row = np.zeros((1, int(self.clip.text.context_length)), np.int32)
+        row[0, 0] = int(self.clip.text.eot_id)
+        return row
+
+    def empty_text(self, clip_params: Any) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """clip_text of the empty caption: (text embedding [1, E], token states [1, L, W], mask [1, L])."""
+        return self.clip_text(clip_params, jax.numpy.asarray(self.empty_caption_tokens()))
 
     def use_abstract_clip(self, clip_model_cfg: Any) -> None:
         """Builds `self.clip` from a CLIP `config.model` group instead of a workdir (AOT compilation)."""

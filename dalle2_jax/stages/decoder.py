@@ -3,11 +3,13 @@
 The image embedding is projected into the timestep embedding and into `model.image_tokens` extra context
 tokens beside the caption transformer's tokens. For classifier-free guidance the embedding is dropped
 (`model.image_drop_prob`, 10%: a learned null embedding) and the caption (`model.caption_drop_prob`, 50%: an
-all-padding caption) independently. The frozen CLIP (config.clip_workdir) embeds the training images in the
-jitted step, or the embeddings come from the embed tool's files (`data.embeddings_dir`). A CLIP whose input
-size differs from the decoder's (an imported ViT at 224 px under a 64 px decoder) gets its own copy of each
-training image, made from the source image with CLIP's preprocessing (batch key `clip_image`). Evaluation
-samples images from test-image embeddings and scores them with the frozen CLIP.
+all-padding caption; karlo's decoder, model.clip_text_conditioning, takes the caption as the frozen CLIP's text
+encodings and a dropped one as the empty caption's) independently. The frozen CLIP (config.clip_workdir) embeds
+the training images in the jitted step, or the embeddings come from the embed tool's files
+(`data.embeddings_dir`). A CLIP whose input size differs from the decoder's (an imported ViT at 224 px under a
+64 px decoder) gets its own copy of each training image, made from the source image with CLIP's preprocessing
+(batch key `clip_image`). Evaluation samples images from test-image embeddings and scores them with the frozen
+CLIP.
 """
 
 from __future__ import annotations
@@ -82,9 +84,17 @@ class DecoderStage(FrozenClipMixin, ImageDiffusionStage):
             raise ConfigError("model.context_width", f"{context_width}: must be 0 (the default width) or, with a "
                               f"caption transformer, its caption_width {m.caption_width}")
         if m.get("clip_text_conditioning", False):
-            raise ConfigError("model.clip_text_conditioning", "training and sampling a decoder conditioned on the "
-                              "CLIP's text token states (karlo's) is not supported yet; such a decoder is "
-                              "imported with tools.import_karlo")
+            if config.data.embeddings_dir:
+                raise ConfigError("data.embeddings_dir", "a decoder with model.clip_text_conditioning (karlo's) "
+                                  "takes the CLIP's text token states, which the embed tool does not store; train "
+                                  "it without data.embeddings_dir (the frozen CLIP embeds each batch)")
+            from dalle2_jax.training.checkpoint import read_config
+
+            if not read_config(config.clip_workdir).model.get("image_tower", True):
+                raise ConfigError("clip_workdir", f"the CLIP in {config.clip_workdir!r} is its text tower only "
+                                  "(model.image_tower False), but training the decoder needs the image embeddings "
+                                  "of its images: import an image encoder: tools.import_karlo --image_encoder, or "
+                                  "an OpenAI ViT-L/14 with tools.import_clip")
         if m.caption_depth and (m.caption_width <= 0 or m.caption_width % m.caption_heads):
             raise ConfigError("model.caption_heads", f"caption_width {m.caption_width} must be positive and "
                               f"divisible by caption_heads {m.caption_heads}")
@@ -224,17 +234,34 @@ class DecoderStage(FrozenClipMixin, ImageDiffusionStage):
             emb = batch["image_emb"]
         else:
             emb = self.conditioning_embedding(frozen, batch.get("clip_image", images))
-        tokens = self.caption_tokens(batch["tokens"])
         b = images.shape[0]
         k_img, k_txt, k_drop, k_diff = jax.random.split(rng, 4)
         drop_image = jax.random.bernoulli(k_img, m.image_drop_prob, (b,))
         drop_text = jax.random.bernoulli(k_txt, m.caption_drop_prob, (b,))
+        if self.clip_text_conditioning:  # karlo: the CLIP's text encodings; dropped -> the empty caption's
+            text = self.training_text(frozen, batch["tokens"], drop_text)
+
+            def clip_model_fn(x_t, t):
+                e, st, mk = text
+                return self.unet.apply(params, x_t, t, image_emb=emb, text_emb=e, text_states=st, text_mask=mk,
+                                       drop_image=drop_image, train=True, rngs={"dropout": k_drop})
+
+            return self.diffusion_loss(clip_model_fn, to_model_space(images), k_diff)
+        tokens = self.caption_tokens(batch["tokens"])
 
         def model_fn(x_t, t):
             return self.unet.apply(params, x_t, t, image_emb=emb, tokens=tokens, drop_image=drop_image,
                                    drop_text=drop_text, train=True, rngs={"dropout": k_drop})
 
         return self.diffusion_loss(model_fn, to_model_space(images), k_diff)
+
+    def training_text(self, clip_params: Any, tokens: jax.Array, drop: jax.Array) -> tuple:
+        """A clip_text_conditioning decoder's text inputs for a batch: clip_text of the captions, the rows
+        where `drop` [B] is True replaced by the empty caption's encodings (the unconditional half sampling
+        uses): (text_emb [B, E], token states [B, L, W], mask [B, L])."""
+        text = self.clip_text(clip_params, tokens)
+        empty = self.empty_text(clip_params)
+        return tuple(jnp.where(drop.reshape((-1,) + (1,) * (a.ndim - 1)), u, a) for a, u in zip(text, empty))
 
     # --- sampling and evaluation ----------------------------------------------------------------------
     def guided_denoiser(self, params: Any, image_emb: jax.Array, tokens: jax.Array, guidance_scale: float,
@@ -293,7 +320,8 @@ class DecoderStage(FrozenClipMixin, ImageDiffusionStage):
         return jax.jit(sample)
 
     def make_renoiser(self, t: int, steps: int | None = None):
-        """A jitted (params, image_emb [B, E], tokens [B, L], images uint8 [B, R, R, 3], key) -> uint8 images:
+        """A jitted (params, image_emb [B, E], tokens [B, L], images uint8 [B, R, R, 3], key[, text,
+        uncond_text]) -> uint8 images (text / uncond_text: a clip_text_conditioning decoder's, see guided_denoiser):
         each image noised to timestep `t` (q_sample), then sampled back to t = 0 by the configured sampler
         with guidance over `steps` timesteps spaced evenly in [0, t] (default: the sampling steps' density,
         at least 2), as SDEdit does. Scored against the scenes (evaluate's renoise_t<t>_* metrics), it tells
@@ -307,11 +335,11 @@ class DecoderStage(FrozenClipMixin, ImageDiffusionStage):
         clip = 1.0 if s.clip_x0 else None
         scale = float(s.guidance_scale)
 
-        def renoise(params, image_emb, tokens, images, key):
+        def renoise(params, image_emb, tokens, images, key, text=None, uncond_text=None):
             k_noise, k_sample = jax.random.split(key)
             x0 = to_model_space(images)
             x_t = D.q_sample(d, x0, jnp.full((x0.shape[0],), t, jnp.int32), jax.random.normal(k_noise, x0.shape))
-            denoise = self.guided_denoiser(params, image_emb, tokens, scale)
+            denoise = self.guided_denoiser(params, image_emb, tokens, scale, text, uncond_text)
             if s.sampler == "ddpm":
                 x = D.sample_ddpm(sub, denoise, x0.shape, k_sample, clip_x0=clip, x_T=x_t)
             else:
@@ -328,18 +356,37 @@ class DecoderStage(FrozenClipMixin, ImageDiffusionStage):
         image (model space, x0 clipped to [-1, 1]) under each conditioning of COND_PROBE_MODES: both (embedding
         and caption), image (embedding only, caption dropped), caption (caption only, embedding dropped), none
         (both dropped) and shuffled (both, taken from the next image in the batch). A condition the decoder
-        uses lowers the error below `none`; `shuffled` above `both` tells what the wrong one costs."""
+        uses lowers the error below `none`; `shuffled` above `both` tells what the wrong one costs. A
+        clip_text_conditioning decoder (karlo's) also takes text / uncond_text (guided_denoiser): its dropped
+        caption is the empty caption's encodings."""
         d = self.diffusion
         if not 0 < t < d.num_steps:
             raise ValueError(f"conditioning probe timestep must be in (0, {d.num_steps}), got {t}")
 
-        def probe(params, image_emb, tokens, images, key):
+        def probe(params, image_emb, tokens, images, key, text=None, uncond_text=None):
             b = images.shape[0]
             x0 = to_model_space(images)
             tt = jnp.full((b,), t, jnp.int32)
             x_t = D.q_sample(d, x0, tt, jax.random.normal(key, x0.shape))
-            toks = self.caption_tokens(tokens)
             no, yes = jnp.zeros((b,), bool), jnp.ones((b,), bool)
+            if self.clip_text_conditioning:
+                if text is None or uncond_text is None:
+                    raise ValueError("a decoder with model.clip_text_conditioning takes text and uncond_text")
+                un = tuple(jnp.broadcast_to(a, (b,) + a.shape[1:]) for a in uncond_text)
+                roll = tuple(jnp.roll(a, 1, 0) for a in text)
+                cmodes = {"both": (image_emb, text, no), "image": (image_emb, un, no),
+                          "caption": (image_emb, text, yes), "none": (image_emb, un, yes),
+                          "shuffled": (jnp.roll(image_emb, 1, 0), roll, no)}
+                cerrs = []
+                for name in self.COND_PROBE_MODES:
+                    e, (te, ts, tm), drop_i = cmodes[name]
+                    out = self.unet.apply(params, x_t, tt, image_emb=e, text_emb=te, text_states=ts, text_mask=tm,
+                                          drop_image=drop_i)
+                    mean, _ = D.split_output(d, out, x_t.shape)
+                    x0_hat, _ = D.model_output_to_x0_eps(d, x_t, tt, mean)
+                    cerrs.append(jnp.mean((jnp.clip(x0_hat, -1.0, 1.0) - x0) ** 2, axis=(1, 2, 3)))
+                return jnp.stack(cerrs, axis=1)
+            toks = self.caption_tokens(tokens)
             modes = {"both": (image_emb, toks, no, no), "image": (image_emb, toks, no, yes),
                      "caption": (image_emb, toks, yes, no), "none": (image_emb, toks, yes, yes),
                      "shuffled": (jnp.roll(image_emb, 1, 0), jnp.roll(toks, 1, 0), no, no)}
@@ -358,12 +405,13 @@ class DecoderStage(FrozenClipMixin, ImageDiffusionStage):
                       fixed_point_iters: int = 3):
         """A jitted (params, image_emb [B, E], tokens [B, L], images uint8 [B, R, R, 3]) -> x_T [B, R, R, 3]:
         the DDIM inversion of the images under the same guided denoiser and x0 clipping the sampler uses, so
-        DDIM with eta = 0 from x_T gives the images back (to the accuracy of the fixed-point iterations)."""
+        DDIM with eta = 0 from x_T gives the images back (to the accuracy of the fixed-point iterations).
+        Optional text / uncond_text: a clip_text_conditioning decoder's CLIP text encodings (guided_denoiser)."""
         scale = float(self.config.sampling.guidance_scale if guidance_scale is None else guidance_scale)
         clip = 1.0 if self.config.sampling.clip_x0 else None
 
-        def invert(params, image_emb, tokens, images):
-            denoise = self.guided_denoiser(params, image_emb, tokens, scale)
+        def invert(params, image_emb, tokens, images, text=None, uncond_text=None):
+            denoise = self.guided_denoiser(params, image_emb, tokens, scale, text, uncond_text)
             return D.ddim_invert(self.sampling_diffusion(steps), denoise, to_model_space(images),
                                  fixed_point_iters=fixed_point_iters, clip_x0=clip)
 
@@ -372,11 +420,12 @@ class DecoderStage(FrozenClipMixin, ImageDiffusionStage):
     def make_inpainter(self, steps: int | None = None, guidance_scale: float | None = None, resample: int = 1,
                        jump_length: int = 1):
         """A jitted (params, image_emb [B, E], tokens [B, L], known uint8 [B, R, R, 3], keep [B, R, R] bool,
-        key) -> uint8 [B, R, R, 3]: RePaint over the guided decoder; kept pixels come back unchanged."""
+        key[, text, uncond_text]) -> uint8 [B, R, R, 3]: RePaint over the guided decoder; kept pixels come back
+        unchanged. text / uncond_text: a clip_text_conditioning decoder's CLIP text encodings (guided_denoiser)."""
         scale = float(self.config.sampling.guidance_scale if guidance_scale is None else guidance_scale)
 
-        def inpaint(params, image_emb, tokens, known, keep, key):
-            denoise = self.guided_denoiser(params, image_emb, tokens, scale)
+        def inpaint(params, image_emb, tokens, known, keep, key, text=None, uncond_text=None):
+            denoise = self.guided_denoiser(params, image_emb, tokens, scale, text, uncond_text)
             return to_uint8(self.run_repaint(denoise, known, keep, key, steps, resample, jump_length))
 
         return jax.jit(inpaint)
@@ -406,12 +455,20 @@ class DecoderStage(FrozenClipMixin, ImageDiffusionStage):
             self._eval_jits = {
                 "cond": jax.jit(self.conditioning_embedding), "unit": jax.jit(self.clip_image),
                 "text": jax.jit(lambda p, t: self.clip.apply(p, t, method=self.clip.encode_text)),
-                "sample": self.make_sampler()}
+                "sample": self.make_sampler(), "clip_text": jax.jit(self.clip_text)}
         j = self._eval_jits
         bs = int(cfg.eval.batch_size)
         key = jax.random.key(cfg.seed + 1)
+
+        def text_kw(t) -> dict:  # a clip_text_conditioning decoder's caption and empty-caption encodings
+            if not self.clip_text_conditioning:
+                return {}
+            return {"text": j["clip_text"](frozen, t),
+                    "uncond_text": j["clip_text"](frozen, jnp.asarray(self.empty_caption_tokens()))}
+
         real_unit = run_batched(lambda x, i: j["unit"](frozen, x), bs, clip_images, mesh=mesh)
-        samples = run_batched(lambda x, t, i: j["sample"](params, j["cond"](frozen, x), t, jax.random.fold_in(key, i)),
+        samples = run_batched(lambda x, t, i: j["sample"](params, j["cond"](frozen, x), t, jax.random.fold_in(key, i),
+                                                          **text_kw(t)),
                               bs, clip_images, tokens, mesh=mesh)
         samp_unit = run_batched(lambda x, i: j["unit"](frozen, x), bs, resize_square(samples, self.clip_resolution),
                                 mesh=mesh)
@@ -443,7 +500,7 @@ class DecoderStage(FrozenClipMixin, ImageDiffusionStage):
                         j[f"renoise_{int(t)}"] = self.make_renoiser(int(t))
                     fn = j[f"renoise_{int(t)}"]
                     rec = run_batched(lambda x, tok, im, i, fn=fn: fn(params, j["cond"](frozen, x), tok, im,
-                                                                     jax.random.fold_in(key, i)),
+                                                                     jax.random.fold_in(key, i), **text_kw(tok)),
                                       bs, clip_images, tokens, images, mesh=mesh)
                     px = scene_checker.attribute_accuracy(rec, decoded)
                     out.update({f"renoise_t{int(t)}_{k}": px[k] for k in ("color_acc", "shape_acc",
@@ -453,7 +510,7 @@ class DecoderStage(FrozenClipMixin, ImageDiffusionStage):
                 j[f"cond_probe_{int(t)}"] = self.make_conditioning_probe(int(t))
             fn = j[f"cond_probe_{int(t)}"]
             err = run_batched(lambda x, tok, im, i, fn=fn: fn(params, j["cond"](frozen, x), tok, im,
-                                                             jax.random.fold_in(key, i)),
+                                                             jax.random.fold_in(key, i), **text_kw(tok)),
                               bs, clip_images, tokens, images, mesh=mesh)
             out.update({f"x0_mse_t{int(t)}_{m}": float(v) for m, v in zip(self.COND_PROBE_MODES, err.mean(0))})
         g = min(int(cfg.eval.grid_size), len(records))

@@ -90,9 +90,15 @@ class PriorStage(FrozenClipMixin, Stage):
                               "'standardize'")
         if not 0.0 <= m.cond_drop_prob < 1.0:
             raise ConfigError("model.cond_drop_prob", f"must be in [0, 1), got {m.cond_drop_prob}")
-        if not m.get("null_text_embedding", True) and m.cond_drop_prob > 0:
-            raise ConfigError("model.cond_drop_prob", f"is {m.cond_drop_prob} but model.null_text_embedding is False "
-                              "(karlo's prior): without a learned null embedding nothing would be dropped; set it to 0")
+        if config.data.embeddings_dir and not m.get("normalize_embedding", True):
+            raise ConfigError("data.embeddings_dir", "the embed tool stores unit-norm embeddings, but this prior "
+                              "(model.normalize_embedding False, karlo's) is trained on the raw CLIP embeddings; "
+                              "train it without data.embeddings_dir (the frozen CLIP embeds each batch)")
+        if config.data.embeddings_dir and not m.get("null_text_embedding", True) and m.cond_drop_prob > 0:
+            raise ConfigError("data.embeddings_dir", "a prior without a learned null embedding (model."
+                              "null_text_embedding False, karlo's) drops a caption to the empty caption's CLIP "
+                              "encodings, which need the frozen CLIP in the step: train without data.embeddings_dir"
+                              " or set model.cond_drop_prob=0")
         validate_diffusion_keys(config, SAMPLERS)
         s = config.sampling
         if s.num_candidates < 1:
@@ -104,8 +110,29 @@ class PriorStage(FrozenClipMixin, Stage):
         self.copy_clip_tokenizer()  # the prior's workdir carries the tokenizer it was trained with
         self.setup_model()
         if self.config.model.embedding_norm == "standardize" and not fileio.exists(self._stats_path()):
-            self._compute_stats()
+            if not self._copy_init_stats():
+                self._compute_stats()
         self._load_stats()
+
+    def _copy_init_stats(self) -> bool:
+        """A run starting from config.init_from's params standardises with the statistics those params were
+        trained with (an imported karlo prior: karlo's clip_mean / clip_std), not ones measured on this run's
+        data: copies <init_from>/stats/image_embedding_stats.json here (process 0). False when it has none."""
+        src = self.config.get("init_from", "")
+        if not src or not fileio.exists(fileio.join(src, "stats", "image_embedding_stats.json")):
+            return False
+        import logging
+
+        if jax.process_index() == 0:
+            fileio.write_json(self._stats_path(),
+                              fileio.read_json(fileio.join(src, "stats", "image_embedding_stats.json")))
+        logging.getLogger(__name__).info("prior: standardising image embeddings with %s's statistics "
+                                         "(stats/image_embedding_stats.json, copied from config.init_from)", src)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("prior_stats")
+        return True
 
     def _stats_path(self) -> str:
         return fileio.join(self.workdir, "stats", "image_embedding_stats.json")
@@ -239,22 +266,37 @@ class PriorStage(FrozenClipMixin, Stage):
         return int(self.tokenizer.pad_id) if self.tokenizer is not None else 0
 
     def clip_image(self, clip_params: Any, images_uint8: jax.Array) -> jax.Array:
-        """uint8 images [B, R, R, 3] -> unit CLIP image embeddings [B, E]."""
-        emb = self.clip.apply(clip_params, images_uint8.astype(jnp.float32) / 255.0, method=self.clip.encode_image)
-        return jax.lax.stop_gradient(emb)
+        """uint8 images [B, R, R, 3] -> the CLIP image embeddings [B, E] the prior learns: unit-norm, or raw
+        with model.normalize_embedding False (karlo's prior; its standardisation statistics are of the raw
+        embeddings)."""
+        normalize = bool(self.config.model.get("normalize_embedding", True))
+        emb = self.clip.apply(clip_params, images_uint8.astype(jnp.float32) / 255.0, normalize,
+                              method=self.clip.encode_image)
+        return jax.lax.stop_gradient(emb.astype(jnp.float32))
+
+    def training_text(self, clip_params: Any, tokens: jax.Array, drop: jax.Array) -> tuple:
+        """clip_text of the captions with the rows where `drop` [B] is True replaced by the empty caption's
+        encodings (text embedding, token states, mask): the unconditional input of a prior without a learned
+        null embedding (karlo's), as its sampler's unconditional half."""
+        text = self.clip_text(clip_params, tokens)
+        empty = self.empty_text(clip_params)
+        return tuple(jnp.where(drop.reshape((-1,) + (1,) * (a.ndim - 1)), u, a) for a, u in zip(text, empty))
 
     def loss(self, params: Any, batch: dict, rng: jax.Array, frozen: Any) -> tuple[jax.Array, dict]:
+        b = batch["tokens"].shape[0]
+        k_t, k_noise, k_drop = jax.random.split(rng, 3)
+        drop = jax.random.bernoulli(k_drop, self.config.model.cond_drop_prob, (b,))
         if "image_emb" in batch:  # precomputed by tools.embed
             img, txt, states = batch["image_emb"], batch["text_emb"], batch["token_states"]
             valid = batch["tokens"] != self.tokenizer_pad_id()
         else:
             img = self.clip_image(frozen, batch["image"])
-            txt, states, valid = self.clip_text(frozen, batch["tokens"])
-        b = img.shape[0]
-        k_t, k_noise, k_drop = jax.random.split(rng, 3)
+            if self.config.model.get("null_text_embedding", True):
+                txt, states, valid = self.clip_text(frozen, batch["tokens"])
+            else:  # karlo: no learned null embedding; a dropped caption is the empty caption's encodings
+                txt, states, valid = self.training_text(frozen, batch["tokens"], drop)
         t = jax.random.randint(k_t, (b,), 0, self.diffusion.num_steps)
         noise = jax.random.normal(k_noise, img.shape, jnp.float32)
-        drop = jax.random.bernoulli(k_drop, self.config.model.cond_drop_prob, (b,))
 
         def model_fn(x_t, t_orig):
             return self.prior.apply(params, x_t, t_orig, txt * self.scale, states, valid, drop)
@@ -301,14 +343,15 @@ class PriorStage(FrozenClipMixin, Stage):
         return c or None
 
     def make_gamma_estimator(self, steps: int | None = None, guidance_scale: float | None = None):
-        """For the analytic sampler: a jitted (params, image_emb [B,E] unit, txt, states, valid, key) -> Gamma
-        [steps], Analytic-DPM's per-step E||eps||^2/d measured on real (image, caption) pairs."""
+        """For the analytic sampler: a jitted (params, image_emb [B,E] unit, txt, states, valid, key[, uncond])
+        -> Gamma [steps], Analytic-DPM's per-step E||eps||^2/d measured on real (image, caption) pairs (uncond:
+        as make_sampler's)."""
         s = self.config.sampling
         diff = self.sampling_diffusion(steps)
         scale_g = float(s.guidance_scale if guidance_scale is None else guidance_scale)
 
-        def estimate(params, img, txt, states, valid, key):
-            denoise = self._denoiser(params, txt, states, valid, scale_g)
+        def estimate(params, img, txt, states, valid, key, uncond=None):
+            denoise = self._denoiser(params, txt, states, valid, scale_g, uncond)
             return D.estimate_analytic_gamma(diff, denoise, self.to_diffusion(img), key, estimator="mse")
 
         return jax.jit(estimate)
@@ -369,6 +412,9 @@ class PriorStage(FrozenClipMixin, Stage):
             self._eval_jits = (jax.jit(self.clip_image), jax.jit(self.clip_text), self.make_sampler())
         embed_img, embed_txt, sampler = self._eval_jits
         key = jax.random.key(cfg.seed + 1)
+        uncond = None  # karlo's prior: guidance against the empty caption's encodings
+        if not cfg.model.get("null_text_embedding", True):
+            uncond = embed_txt(frozen, jnp.asarray(self.empty_caption_tokens()))
         gamma = None
         if cfg.sampling.sampler == "analytic":  # Gamma from real training pairs, not the test split
             train_rows = pipeline.read_split(data_cfg, data_cfg.train_split, [data_cfg.image_key, data_cfg.text_key],
@@ -376,7 +422,7 @@ class PriorStage(FrozenClipMixin, Stage):
             ti = embed_img(frozen, *shard_rows(mesh, np.stack([r[data_cfg.image_key] for r in train_rows])))
             tt, tst, tva = embed_txt(frozen, *shard_rows(mesh, self.tokenizer.encode_batch(
                 [r[data_cfg.text_key] for r in train_rows])))
-            gamma = self.make_gamma_estimator()(params, ti, tt, tst, tva, jax.random.key(cfg.seed + 2))
+            gamma = self.make_gamma_estimator()(params, ti, tt, tst, tva, jax.random.key(cfg.seed + 2), uncond)
         perm = np.random.default_rng(cfg.seed).permutation(len(records))
         img_e, txt_e, samp, samp_shuf = [], [], [], []
         sample_time, sampled = 0.0, 0
@@ -390,16 +436,18 @@ class PriorStage(FrozenClipMixin, Stage):
             t, st, va = embed_txt(frozen, pad(tokens[sl]))
             txt_e.append(to_host(t)[:n])
             if start == 0:  # compile outside the timing
-                jax.block_until_ready(sampler(params, t, st, va, key, gamma))
+                jax.block_until_ready(sampler(params, t, st, va, key, gamma, uncond))
             t0 = time.perf_counter()
-            samp.append(to_host(sampler(params, t, st, va, jax.random.fold_in(key, start), gamma))[:n])
+            samp.append(to_host(sampler(params, t, st, va, jax.random.fold_in(key, start), gamma, uncond))[:n])
             sample_time += time.perf_counter() - t0
             sampled += bs
             ts, sts, vas = embed_txt(frozen, pad(tokens[perm][sl]))
             samp_shuf.append(to_host(sampler(params, ts, sts, vas, jax.random.fold_in(key, 10**6 + start),
-                                             gamma))[:n])
-        img_e, txt_e = np.concatenate(img_e), np.concatenate(txt_e)
-        samp, samp_shuf = np.concatenate(samp), np.concatenate(samp_shuf)
+                                             gamma, uncond))[:n])
+        # cosines of unit vectors (karlo's prior samples and is trained on raw embeddings)
+        unit = lambda x: x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)  # noqa: E731
+        img_e, txt_e = unit(np.concatenate(img_e)), unit(np.concatenate(txt_e))
+        samp, samp_shuf = unit(np.concatenate(samp)), unit(np.concatenate(samp_shuf))
         cos = np.sum(samp * img_e, axis=1)
         out = {
             "num_examples": len(records),
