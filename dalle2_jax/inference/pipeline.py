@@ -324,7 +324,11 @@ class UnCLIPPipeline:
         s = settings[self.decoder.name]
         fn = self._fn(("invert", s["steps"], s["guidance_scale"], fixed_point_iters),
                       lambda: self.decoder.stage.make_inverter(s["steps"], s["guidance_scale"], fixed_point_iters))
-        return to_host(fn(self.decoder.params, emb, self._empty_tokens(len(emb)), images))
+        tokens = self._empty_tokens(len(emb))
+        if self.decoder.stage.clip_text_conditioning:  # karlo: the empty caption's encodings, both halves
+            return to_host(fn(self.decoder.params, emb, tokens, images, self.encode_text(tokens),
+                              self.empty_caption_text()))
+        return to_host(fn(self.decoder.params, emb, tokens, images))
 
     def upsample(self, images: np.ndarray, settings: dict, keys: Callable[[int], jax.Array], batch_size: int,
                  timings: dict, num_upsamplers: int | None = None, known: np.ndarray | None = None,
@@ -599,10 +603,18 @@ class UnCLIPPipeline:
         known = np.repeat(resize(src, dec_res)[None], num, 0)
         kp = np.repeat(~resize(regen, dec_res)[None], num, 0)
         key = keys(1)
+        text = uncond = None
+        if self.decoder.stage.clip_text_conditioning:  # karlo: the prompt's CLIP encodings, the empty caption's
+            text, uncond = self.encode_text(tokens), self.empty_caption_text()
+
+        def call(e, t, k_, m_, *rest):
+            *txt, i = rest
+            return fn(self.decoder.params, e, t, k_, m_, jax.random.fold_in(key, i),
+                      *((tuple(txt), uncond) if text is not None else ()))
+
         stage_images = self._cascade(
-            num, bs, lambda r, c: run_batched(
-                lambda e, t, k_, m_, i: fn(self.decoder.params, e, t, k_, m_, jax.random.fold_in(key, i)), bs,
-                emb[r], tokens[r], known[r], kp[r], mesh=self.mesh, first_index=c),
+            num, bs, lambda r, c: run_batched(call, bs, emb[r], tokens[r], known[r], kp[r],
+                                              *(x[r] for x in (text or ())), mesh=self.mesh, first_index=c),
             lambda m: f"RePaint {ds['steps']} steps x {resample} resamplings (jump {jump_length})", s, keys,
             timings, num_upsamplers, on_batch, known=src, regen=regen, repaint=rp)
         info.update(method="inpaint", prompt=prompt, num=int(num), resample=int(resample),
