@@ -156,6 +156,15 @@ def _rss_kib(pid: int) -> int | None:
     return None
 
 
+def _trace(samples: list[tuple[float, int]], every: float) -> list[list[float]]:
+    """[t, the peak RSS in GiB over (t - every, t]] for the sampled run."""
+    out: dict[int, int] = {}
+    for t, r in samples:
+        k = int(t // every) + 1
+        out[k] = max(out.get(k, 0), r)
+    return [[k * every, round(r / 2**20, 2)] for k, r in sorted(out.items())]
+
+
 def _du(path: str) -> int:
     total = 0
     for dirpath, _, files in os.walk(path):
@@ -217,7 +226,9 @@ def measure(name: str, weights: str, tmp: str, extra: list[str], max_rss_gib: fl
                                                                   default=0) * 1024}
     row = {"run": name, "args": args, "num_params": report["num_params"], "dtype": report["dtype"],
            "seconds": round(seconds, 1), "peak_rss_bytes": rss, "bundle_bytes": _du(out),
-           "workdirs_bytes": _du(wds) if os.path.isdir(wds) else 0, "stages": per_stage}
+           "workdirs_bytes": _du(wds) if os.path.isdir(wds) else 0, "stages": per_stage,
+           "log": [[round(t, 1), l] for t, l in lines if not l.startswith(("{", "peak_rss_kib"))],
+           "rss_gib_every_5s": _trace(samples, 5.0)}
     shutil.rmtree(out, ignore_errors=True)
     shutil.rmtree(wds, ignore_errors=True)
     return row
@@ -258,7 +269,8 @@ def main() -> None:
     weights = os.path.join(tmp, "karlo")
     t0 = time.time()
     if args.reuse and os.path.isdir(weights):
-        files = None
+        files = {c: {"bytes": _du(os.path.join(weights, c))} for c in sorted(os.listdir(weights))
+                 if os.path.isdir(os.path.join(weights, c))}
     else:
         files = synthesise(weights, args.file_dtype, args.image_encoder)
     synth_s = round(time.time() - t0, 1)
