@@ -68,6 +68,7 @@ import dataclasses
 import json
 import os
 import shutil
+from collections.abc import Mapping
 from typing import Any, Callable
 
 import numpy as np
@@ -249,15 +250,20 @@ def check_tensors(names_shapes: dict[str, tuple[int, ...]], expected: dict[str, 
         raise InputError("\n".join(parts))
 
 
-def apply_plan(plan: list[Step], tensors: dict[str, Any], depth: int, scan_layers: bool,
-               stack: Callable | None = None) -> tuple[dict, dict]:
-    """Runs `plan` on `tensors` (name -> array, numpy or abstract): returns (variables {'params': ...} as
-    nested dicts, stats {'mean': [E], 'std': [E]}). With `scan_layers` the blocks are stacked (with
-    `stack`, default np.stack) into transformer/blocks."""
+def apply_plan(plan: list[Step], tensors: Mapping[str, Any], depth: int, scan_layers: bool,
+               stack: Callable | None = None, finish: Callable[[Any], Any] | None = None) -> tuple[dict, dict]:
+    """Runs `plan` on `tensors` (name -> array, numpy or abstract; a _LazyTensors reads each source when its
+    step runs): returns (variables {'params': ...} as nested dicts, stats {'mean': [E], 'std': [E]}). `finish`
+    is applied to every built array as its step runs (numpy: a contiguous float32 copy, so the step's sources
+    can be freed at once). With `scan_layers` the blocks are stacked (with `stack`, default np.stack) into
+    transformer/blocks, one leaf at a time (the unstacked leaf is dropped as its stack is built)."""
     params: dict = {}
     stats: dict = {}
     for step in plan:
-        for path, value in step.build({k: tensors[k] for k in step.sources}).items():
+        built = step.build({k: tensors[k] for k in step.sources})
+        for path, value in built.items():
+            if finish is not None:
+                value = finish(value)
             if path[0] == STATS:
                 stats[path[1]] = value
                 continue
@@ -270,8 +276,41 @@ def apply_plan(plan: list[Step], tensors: dict[str, Any], depth: int, scan_layer
 
         stack = stack or np.stack
         blocks = [params["transformer"].pop(f"block_{i}") for i in range(depth)]
-        params["transformer"]["blocks"] = jax.tree.map(lambda *xs: stack(xs), *blocks)
+        treedef = jax.tree.structure(blocks[0])
+        leaves = [treedef.flatten_up_to(b) for b in blocks]
+        del blocks
+        stacked = []
+        for j in range(treedef.num_leaves):
+            xs = [leaves[i][j] for i in range(depth)]
+            for i in range(depth):
+                leaves[i][j] = None  # the stack holds the only copy
+            stacked.append(stack(xs))
+            del xs
+        params["transformer"]["blocks"] = jax.tree.unflatten(treedef, stacked)
     return {"params": params}, stats
+
+
+class _LazyTensors(Mapping):
+    """name -> float32 numpy array of a WeightFile, read when looked up (not kept): apply_plan then holds one
+    step's sources at a time instead of the whole file."""
+
+    def __init__(self, wf: WeightFile, names):
+        self._wf, self._names = wf, list(names)
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        if key not in self._names:
+            raise KeyError(key)
+        return self._wf.get(key)
+
+    def __iter__(self):
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
+def _contiguous_f32(a) -> np.ndarray:
+    return np.ascontiguousarray(a, np.float32)
 
 
 # --- the prior -------------------------------------------------------------------------------------------
@@ -321,8 +360,8 @@ def load_prior(folder: str, scan_layers: bool | None = None) -> ImportedPrior:
     plan = prior_plan(d)
     expected = expected_tensors(plan)
     check_tensors({k: wf.shape(k) for k in wf.keys}, expected, weights)
-    tensors = {k: wf.get(k) for k in expected}
-    variables, stats = apply_plan(plan, tensors, d.depth, bool(config.model.scan_layers))
+    tensors = _LazyTensors(wf, expected)
+    variables, stats = apply_plan(plan, tensors, d.depth, bool(config.model.scan_layers), finish=_contiguous_f32)
     import jax
 
     variables = jax.tree.map(lambda a: np.ascontiguousarray(a, np.float32), variables)
@@ -612,14 +651,14 @@ class ImportedDecoder:
     num_params: int
 
 
-def _read_weights(folder: str, plan: list[Step]) -> dict[str, np.ndarray]:
+def _read_weights(folder: str, plan: list[Step]) -> Mapping[str, np.ndarray]:
     weights = os.path.join(folder, WEIGHTS_NAME)
     if not os.path.isfile(weights):
         raise InputError(f"{folder}: no {WEIGHTS_NAME}")
     wf = WeightFile(weights)
     expected = expected_tensors(plan)
     check_tensors({k: wf.shape(k) for k in wf.keys}, expected, weights)
-    return {k: wf.get(k) for k in expected}
+    return _LazyTensors(wf, expected)
 
 
 def load_decoder(decoder_folder: str, text_proj_folder: str) -> ImportedDecoder:
@@ -639,7 +678,7 @@ def load_decoder(decoder_folder: str, text_proj_folder: str) -> ImportedDecoder:
     for folder, plan in ((decoder_folder, decoder_plan(d)), (text_proj_folder, text_proj_plan(d))):
         tensors = _read_weights(folder, plan)
         num_tensors += len(tensors)
-        params.update(apply_plan(plan, tensors, 0, False)[0]["params"])
+        params.update(apply_plan(plan, tensors, 0, False, finish=_contiguous_f32)[0]["params"])
     variables = jax.tree.map(lambda a: np.ascontiguousarray(a, np.float32), {"params": params})
     num_params = int(sum(a.size for a in jax.tree.leaves(variables)))
     return ImportedDecoder(config=config, variables=variables, num_tensors=num_tensors, num_params=num_params)
@@ -785,7 +824,7 @@ def load_super_res_unet(folder: str, sample_size: int | None = None) -> tuple[An
     config = karlo_super_res_config(cfg, where, sample_size)
     plan = super_res_plan(super_res_dims(cfg, where))
     tensors = _read_weights(folder, plan)
-    variables = apply_plan(plan, tensors, 0, False)[0]
+    variables = apply_plan(plan, tensors, 0, False, finish=_contiguous_f32)[0]
     variables = jax.tree.map(lambda a: np.ascontiguousarray(a, np.float32), variables)
     return config, variables, len(tensors)
 
@@ -833,6 +872,17 @@ def _cross_check(prior_config, clip_config, decoder_config, where: dict) -> None
                              f"{clip_value} ({what}): the folders come from different models")
 
 
+def _to_device(tree: dict) -> dict:
+    """Replaces the numpy leaves of nested dicts by jax arrays in place, one leaf at a time, so each numpy
+    array is freed as its copy is made: the bundle's cast (a no-op in float32) and the workdir's device_put
+    then reuse these arrays instead of copying the whole component again."""
+    import jax
+
+    for k, v in tree.items():
+        tree[k] = _to_device(v) if isinstance(v, dict) else jax.device_put(v)
+    return tree
+
+
 def write_karlo(weights: str, out: str, workdirs: str | None = None, image_encoder: str | None = None,
                 dtype: str = "float32", overwrite: bool = False, log: Callable[[str], None] = print) -> dict:
     """Imports a karlo-style diffusers UnCLIPPipeline folder `weights` into an inference bundle `out` (clip, prior,
@@ -840,8 +890,10 @@ def write_karlo(weights: str, out: str, workdirs: str | None = None, image_encod
     workdir per model for fine-tuning through config.init_from (clip, prior, decoder, upsampler = super_res_first,
     upsampler_last = super_res_last). `image_encoder`: a CLIPVisionModelWithProjection folder (default:
     weights/image_encoder when present) for variations and fine-tuning; without one the CLIP is its text tower.
-    One component is held in memory at a time (float32 while converting, cast to `dtype` for the bundle).
+    One component is held in memory at a time, once (float32 while converting, then as jax arrays that the
+    bundle and the workdir both save; a bfloat16 bundle adds its half-size cast).
     Returns the report (also out/import_report.json)."""
+    import gc
     import time
 
     import jax
@@ -912,7 +964,8 @@ def write_karlo(weights: str, out: str, workdirs: str | None = None, image_encod
         _, clip_params, _ = ckpt.load_params(clip_wd)
         entries.append(B.write_stage_models(tmp, "clip", "clip", stage, {"main": jax.device_get(clip_params)}, dtype,
                                             {"main": {"diffusers": folders["text_encoder"]}}))
-        del clip_params
+        del clip_params, stage
+        gc.collect()
         clip_dir = os.path.join(tmp, "clip")
 
         def stage_dir(name: str, config, json_files: dict | None = None) -> tuple[str, Any]:
@@ -951,6 +1004,7 @@ def write_karlo(weights: str, out: str, workdirs: str | None = None, image_encod
         # the prior
         log(f"prior: importing {folders['prior']}")
         prior = load_prior(folders["prior"])
+        _to_device(prior.variables)
         prior.config.data.resolution = int(clip_config.model.vision.image_size)  # the prior's images feed the CLIP
         stats = {"num_examples": 0, "source": "karlo clip_mean / clip_std", "mean": prior.stats["mean"].tolist(),
                  "std": prior.stats["std"].tolist()}
@@ -960,19 +1014,24 @@ def write_karlo(weights: str, out: str, workdirs: str | None = None, image_encod
                                             {"main": {"diffusers": folders["prior"]}}))
         workdir("prior", prior.config, prior.variables, json_files)
         report["components"]["prior"] = {"num_tensors": prior.num_tensors, "num_params": prior.num_params}
-        del prior
+        del prior, stage
+        gc.collect()
         # the decoder (+ text_proj)
         log(f"decoder: importing {folders['decoder']} and {folders['text_proj']}")
         dec = load_decoder(folders["decoder"], folders["text_proj"])
+        _to_device(dec.variables)
         _, stage = stage_dir("decoder", dec.config)
         entries.append(B.write_stage_models(tmp, "decoder", "decoder", stage, {"main": dec.variables}, dtype,
                                             {"main": {"diffusers": [folders["decoder"], folders["text_proj"]]}}))
         workdir("decoder", dec.config, dec.variables)
         report["components"]["decoder"] = {"num_tensors": dec.num_tensors, "num_params": dec.num_params}
-        del dec
+        del dec, stage
+        gc.collect()
         # the super-res UNets: one stage, two models
         log(f"upsampler: importing {folders['super_res_first']} and {folders['super_res_last']}")
         sr = load_super_res(folders["super_res_first"], folders["super_res_last"])
+        _to_device(sr.first)
+        _to_device(sr.last)
         name = f"upsampler_{int(sr.config.data.low_res_resolution)}to{int(sr.config.data.resolution)}"
         stage_kind[name] = "upsampler"
         _, stage = stage_dir(name, sr.config)
@@ -984,7 +1043,8 @@ def write_karlo(weights: str, out: str, workdirs: str | None = None, image_encod
         workdir("upsampler", one, sr.first, tok=False)
         workdir("upsampler_last", one, sr.last, tok=False)
         report["components"]["upsampler"] = {"num_tensors": 2 * sr.num_tensors, "num_params": 2 * sr.num_params}
-        del sr
+        del sr, stage
+        gc.collect()
         report["num_params"] = int(sum(c["num_params"] for c in report["components"].values()))
         report["seconds"] = round(time.time() - t0, 1)
         with open(os.path.join(tmp, "import_report.json"), "w") as f:
