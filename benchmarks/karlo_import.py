@@ -209,12 +209,13 @@ def measure(name: str, weights: str, tmp: str, extra: list[str], max_rss_gib: fl
     if proc.returncode:
         peak = max((r for _, r in samples), default=0) * 1024
         return {"run": name, "args": args, "failed": f"exit {proc.returncode}", "seconds": round(seconds, 1),
-                "stage_starts_s": {s: round(t, 1) for t, l in lines for s in STAGES if l.startswith(f"{s}: importing")},
+                "stage_starts_s": {s: round(t, 1) for t, ln in lines for s in STAGES
+                                   if ln.startswith(f"{s}: importing")},
                 "peak_rss_sampled_bytes": peak, "stderr_tail": "".join(err)[-3000:],
-                "stdout_tail": [l for _, l in lines[-20:]]}
+                "stdout_tail": [ln for _, ln in lines[-20:]]}
     rss = int(lines[-1][1].split()[-1]) * 1024
-    report = json.loads(next(l for _, l in reversed(lines) if l.startswith("{")))
-    starts = {s: next((t for t, l in lines if l.startswith(f"{s}: importing")), None) for s in STAGES}
+    report = json.loads(next(ln for _, ln in reversed(lines) if ln.startswith("{")))
+    starts = {s: next((t for t, ln in lines if ln.startswith(f"{s}: importing")), None) for s in STAGES}
     bounds = [starts[s] for s in STAGES] + [seconds]
     per_stage = {}
     for i, s in enumerate(STAGES):
@@ -227,7 +228,7 @@ def measure(name: str, weights: str, tmp: str, extra: list[str], max_rss_gib: fl
     row = {"run": name, "args": args, "num_params": report["num_params"], "dtype": report["dtype"],
            "seconds": round(seconds, 1), "peak_rss_bytes": rss, "bundle_bytes": _du(out),
            "workdirs_bytes": _du(wds) if os.path.isdir(wds) else 0, "stages": per_stage,
-           "log": [[round(t, 1), l] for t, l in lines if not l.startswith(("{", "peak_rss_kib"))],
+           "log": [[round(t, 1), ln] for t, ln in lines if not ln.startswith(("{", "peak_rss_kib"))],
            "rss_gib_every_5s": _trace(samples, 5.0)}
     shutil.rmtree(out, ignore_errors=True)
     shutil.rmtree(wds, ignore_errors=True)
@@ -246,7 +247,7 @@ def _machine() -> dict:
     except OSError:
         pass
     with open("/proc/meminfo") as f:
-        mem = int(next(l.split()[1] for l in f if l.startswith("MemTotal"))) * 1024
+        mem = int(next(ln.split()[1] for ln in f if ln.startswith("MemTotal"))) * 1024
     return {"cpu": model, "cores": os.cpu_count(), "ram_bytes": mem}
 
 
