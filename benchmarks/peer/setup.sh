@@ -19,7 +19,6 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV"
 fi
 PIP=("$VENV/bin/python" -m pip)
-"${PIP[@]}" install --upgrade pip setuptools wheel >/dev/null
 
 CONSTRAINTS="$(mktemp)"
 trap 'rm -f "$CONSTRAINTS"' EXIT
@@ -28,6 +27,8 @@ echo "$TORCH_PIN" > "$CONSTRAINTS"
 "${PIP[@]}" install "$TORCH_PIN"
 "${PIP[@]}" install -c "$CONSTRAINTS" "$DALLE2_PIN"
 
-# Check: a CPU torch, and DALLE2-pytorch's modules that compare.py uses import.
+# Check: the torch build, and every workload of compare.py builds (its parameter counts are printed).
+"$VENV/bin/python" -c 'import torch, sys; v = torch.__version__; print("torch", v)
+if "+cpu" not in v: print("note: not a +cpu build of torch; compare.py runs it on CPU all the same", file=sys.stderr)'
 "$VENV/bin/python" "$HERE/torch_side.py" --check
 echo "peer environment ready: $VENV"

@@ -35,6 +35,7 @@ import os
 import sys
 import time
 
+PROTO = "@@peer "  # compare.py's protocol-line prefix
 WORKLOADS = ("decoder_train", "prior_train", "clip_train", "decoder_sample", "prior_sample")
 
 
@@ -177,7 +178,7 @@ def serve(workload: str, threads: int, batch: int | None, steps: int | None) -> 
     call()  # warm-up: allocator, oneDNN primitive caches
     warmup_s = time.perf_counter() - t0
     out = sys.stdout
-    out.write(json.dumps({"ready": True, "params": params, "units": units, "unit": unit, "build_s": build_s,
+    out.write(PROTO + json.dumps({"ready": True, "params": params, "units": units, "unit": unit, "build_s": build_s,
                           "warmup_s": warmup_s, "threads": torch.get_num_threads(),
                           "versions": _versions(),
                           "env": {k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS")}}) + "\n")
@@ -191,7 +192,7 @@ def serve(workload: str, threads: int, batch: int | None, steps: int | None) -> 
             t0 = time.perf_counter()
             call()
             times.append(time.perf_counter() - t0)
-        out.write(json.dumps({"times": times}) + "\n")
+        out.write(PROTO + json.dumps({"times": times}) + "\n")
         out.flush()
 
 
