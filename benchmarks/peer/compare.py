@@ -225,6 +225,22 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def _cpu_ids() -> dict:
+    """cpu family / model / stepping and the microcode from /proc/cpuinfo (the model name can be generic on VMs)."""
+    out: dict[str, str] = {}
+    try:
+        for line in open("/proc/cpuinfo"):
+            k, _, v = line.partition(":")
+            k = k.strip()
+            if k in ("cpu family", "model", "stepping", "microcode", "cache size") and k not in out:
+                out[k] = v.strip()
+            if not line.strip():
+                break
+    except OSError:
+        pass
+    return out
+
+
 def _cpu_flags() -> list[str]:
     try:
         for line in open("/proc/cpuinfo"):
@@ -266,11 +282,12 @@ def run_workload(name: str, args, cpus: set[int] | None, log) -> dict:
             f"DALLE2-pytorch {ready['DALLE2-pytorch']['params'] / 1e6:.2f}M)")
         measurements = []
         order = list(workers)
+        n_calls = args.steps if w["kind"] == "train" else args.sample_calls
         for r in range(args.rounds):
             for fw in (order[::-1] if args.order == "abba" and r % 2 else order):
                 load0 = os.getloadavg()
                 t0 = time.time()
-                workers[fw].send({"cmd": "run", "n": args.steps})
+                workers[fw].send({"cmd": "run", "n": n_calls})
                 times = workers[fw].read()["times"]
                 load1 = os.getloadavg()
                 measurements.append({"round": r, "framework": fw, "times": times, "median_s": statistics.median(times),
@@ -281,7 +298,7 @@ def run_workload(name: str, args, cpus: set[int] | None, log) -> dict:
         for v in workers.values():
             v.close()
     out: dict[str, Any] = {"workload": name, "kind": w["kind"], "label": w["label"], "unit": w["unit"],
-                           "steps_per_round": args.steps, "rounds": args.rounds, "measurements": measurements}
+                           "calls_per_round": n_calls, "rounds": args.rounds, "measurements": measurements}
     if w["kind"] == "sample":
         out["sample_steps"] = int(sample_steps or w["steps"])
     for fw, info in ready.items():
@@ -334,7 +351,8 @@ def markdown(result: dict) -> str:
                      f"{w['ratio']:.2f} | {flops[0]} | {flops[1]} | {la['min']:.1f}-{la['max']:.1f} |")
     lines += ["", "Ratio = dalle2-jax throughput / DALLE2-pytorch throughput (for sampling: DALLE2-pytorch's seconds "
               "per image or embedding / dalle2-jax's); > 1 means dalle2-jax is faster. Each figure is the median over "
-              f"{result['rounds']} alternating rounds of the median of {result['steps']} calls; load average is the "
+              f"{result['rounds']} alternating rounds of the median of {result['steps']} train steps or "
+              f"{result.get('sample_calls', 1)} sampling run(s); load average is the "
               "1-minute figure before and after each measurement (the machine has "
               f"{m['cpu_cores_visible']} cores).", ""]
     return "\n".join(lines)
@@ -344,8 +362,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
     ap.add_argument("--rounds", type=int, default=5, help="alternating rounds (each framework once a round)")
-    ap.add_argument("--steps", type=int, default=3, help="timed calls per framework per round (train steps or "
-                    "whole sampling runs)")
+    ap.add_argument("--steps", type=int, default=3, help="timed train steps per framework per round")
+    ap.add_argument("--sample_calls", type=int, default=1, help="timed sampling runs per framework per round (each "
+                    "is a whole DDIM run of the batch)")
     ap.add_argument("--sample_steps", type=int, default=None, help="override the samplers' step counts (smoke)")
     ap.add_argument("--smoke", action="store_true",
                     help=f"tiny counts to prove the harness: {SMOKE['rounds']} rounds of {SMOKE['steps']} call, "
@@ -366,8 +385,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             args.steps = SMOKE["steps"]
         if args.sample_steps is None:
             args.sample_steps = SMOKE["sample_steps"]
-    if args.rounds < 1 or args.steps < 1 or args.threads < 1:
-        ap.error("--rounds, --steps and --threads must be >= 1")
+    if min(args.rounds, args.steps, args.sample_calls, args.threads) < 1:
+        ap.error("--rounds, --steps, --sample_calls and --threads must be >= 1")
     return args
 
 
@@ -391,10 +410,10 @@ def main(argv: list[str] | None = None) -> None:
     result: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "smoke": bool(args.smoke),
         "command": "python -m benchmarks.peer.compare " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "machine": {"cpu": _cpu_model(), "cpu_flags": _cpu_flags(), "cpu_cores_visible": os.cpu_count(),
-                    "pinned_cpus": sorted(cpus) if cpus else None},
+        "machine": {"cpu": _cpu_model(), "cpu_ids": _cpu_ids(), "cpu_flags": _cpu_flags(),
+                    "cpu_cores_visible": os.cpu_count(), "pinned_cpus": sorted(cpus) if cpus else None},
         "threads": args.threads, "order": args.order, "omp_wait_policy": args.omp_wait_policy,
-        "rounds": args.rounds, "steps": args.steps,
+        "rounds": args.rounds, "steps": args.steps, "sample_calls": args.sample_calls,
         "dtype": "float32", "workloads": [],
         "versions": {p: md.version(p) for p in ("jax", "jaxlib", "flax")},
     }
