@@ -158,6 +158,7 @@ def jax_worker(name: str, sample_steps: int | None) -> None:
     import importlib.metadata as md
 
     _emit({"ready": True, "units": units, "setup_s": time.perf_counter() - t0, **info,
+           "process_peak_rss_bytes": R._rss_peak_bytes(),
            "versions": {p: md.version(p) for p in ("jax", "jaxlib", "flax")}})
     for line in sys.stdin:
         cmd = json.loads(line)
@@ -349,6 +350,8 @@ def markdown(result: dict) -> str:
         la = w["loadavg_1min"]
         lines.append(f"| {label} | {j['params'] / 1e6:.1f}M / {t['params'] / 1e6:.1f}M | {cells[0]} | {cells[1]} | "
                      f"{w['ratio']:.2f} | {flops[0]} | {flops[1]} | {la['min']:.1f}-{la['max']:.1f} |")
+    for f in result.get("failed", []):
+        lines.append(f"| {WORKLOADS[f['workload']]['label']} | failed: {f['error'].splitlines()[0][:100]} |")
     lines += ["", "Ratio = dalle2-jax throughput / DALLE2-pytorch throughput (for sampling: DALLE2-pytorch's seconds "
               "per image or embedding / dalle2-jax's); > 1 means dalle2-jax is faster. Each figure is the median over "
               f"{result['rounds']} alternating rounds of the median of {result['steps']} train steps or "
@@ -421,7 +424,14 @@ def main(argv: list[str] | None = None) -> None:
     md_path = os.path.splitext(args.out)[0] + ".md"
     for name in args.workloads:
         t0 = time.time()
-        r = run_workload(name, args, cpus, log)
+        try:
+            r = run_workload(name, args, cpus, log)
+        except (RuntimeError, TimeoutError) as e:  # e.g. a worker killed for memory on a shared machine
+            log(f"  {name}: FAILED: {e}")
+            result.setdefault("failed", []).append({"workload": name, "error": str(e)[-2000:]})
+            with open(args.out, "w") as f:
+                json.dump(result, f, indent=2)
+            continue
         result["workloads"].append(r)
         for k, v in r["DALLE2-pytorch"]["setup"].get("versions", {}).items():
             result["versions"][k] = v
@@ -432,6 +442,8 @@ def main(argv: list[str] | None = None) -> None:
             f.write(markdown(result))
     print(markdown(result))
     log(f"wrote {args.out} and {md_path}")
+    if result.get("failed"):
+        sys.exit(f"failed: {', '.join(f['workload'] for f in result['failed'])}")
 
 
 if __name__ == "__main__":

@@ -180,6 +180,7 @@ def serve(workload: str, threads: int, batch: int | None, steps: int | None) -> 
     out = sys.stdout
     out.write(PROTO + json.dumps({"ready": True, "params": params, "units": units, "unit": unit, "build_s": build_s,
                           "warmup_s": warmup_s, "threads": torch.get_num_threads(),
+                          "process_peak_rss_bytes": _rss_peak_bytes(),
                           "versions": _versions(),
                           "env": {k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS")}}) + "\n")
     out.flush()
@@ -194,6 +195,12 @@ def serve(workload: str, threads: int, batch: int | None, steps: int | None) -> 
             times.append(time.perf_counter() - t0)
         out.write(PROTO + json.dumps({"times": times}) + "\n")
         out.flush()
+
+
+def _rss_peak_bytes() -> int:
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
 
 
 def _versions() -> dict:
