@@ -14,7 +14,7 @@ from benchmarks.peer import compare as C
 
 def test_flags():
     a = C.parse_args([])
-    assert a.workloads == list(C.WORKLOADS) and a.rounds == 5 and a.steps == 3 and a.threads == 2
+    assert a.workloads == list(C.WORKLOADS) and a.rounds == 5 and a.steps == 2 and a.threads == 2
     assert a.sample_calls == 1 and a.order == "abab" and a.omp_wait_policy == "PASSIVE"
     assert a.sample_steps is None and a.out == C.DEFAULT_OUT
     s = C.parse_args(["--smoke", "--workloads", "prior_train", "--out", "/tmp/x.json"])

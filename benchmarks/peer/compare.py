@@ -1,7 +1,7 @@
 """Side-by-side CPU speed of dalle2-jax and DALLE2-pytorch (issue 36) at matched parameter counts and shapes.
 
     bash benchmarks/peer/setup.sh                       # once: the peer environment (benchmarks/peer/.venv)
-    python -m benchmarks.peer.compare                   # all workloads, 5 rounds; writes benchmarks/results/peer_cpu.*
+    python -m benchmarks.peer.compare                   # all workloads: benchmarks/results/peer_cpu.json and .md
     python -m benchmarks.peer.compare --smoke           # 2 rounds of 1 step, sampling at 4 steps: proves the harness
     python -m benchmarks.peer.compare --workloads decoder_train prior_train --rounds 7 --steps 3
 
@@ -365,7 +365,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
     ap.add_argument("--rounds", type=int, default=5, help="alternating rounds (each framework once a round)")
-    ap.add_argument("--steps", type=int, default=3, help="timed train steps per framework per round")
+    ap.add_argument("--steps", type=int, default=2, help="timed train steps per framework per round")
     ap.add_argument("--sample_calls", type=int, default=1, help="timed sampling runs per framework per round (each "
                     "is a whole DDIM run of the batch)")
     ap.add_argument("--sample_steps", type=int, default=None, help="override the samplers' step counts (smoke)")
