@@ -184,7 +184,8 @@ def _stage_from_spec(spec: dict, batch: int, overrides: dict | None = None):
     from dalle2_jax.stages import get_stage_class
 
     cfg = load_config(spec["config"], {**spec.get("overrides", {}), **(overrides or {})})
-    clip_model = load_config(spec["clip_config"]).model if spec.get("clip_config") else None
+    clip_model = (load_config(spec["clip_config"], spec.get("clip_overrides")).model if spec.get("clip_config")
+                  else None)
     stage = get_stage_class(cfg.stage)(cfg, workdir="")
     batch_abs, frozen_boxed = stage.abstract_train_inputs(batch, clip_model)
     return cfg, stage, batch_abs, frozen_boxed
@@ -205,88 +206,115 @@ def bench_peak(suite: dict, reps: int = 10) -> dict:
     return {"n": n, "dtype": str(dtype), "seconds": best, "flops_per_s": 2.0 * n**3 / best}
 
 
+class TrainStep:
+    """One stage's real train step (trainer.jit_train_step: loss, optimizer, EMA, donated state), compiled for
+    random data at a suite entry's config and batch, with its state made: `run(n)` times n steps. The setup's
+    figures (params, compile time, FLOPs per step, XLA's cost and memory analysis) are in `info`. Used by
+    bench_train and by benchmarks/peer/compare.py."""
+
+    def __init__(self, spec: dict, overrides: dict | None = None):
+        import flax.linen as nn
+        import jax
+        import jax.numpy as jnp
+        import numpy as np
+
+        from dalle2_jax.training.flops import count_flops
+        from dalle2_jax.training.partitioning import LOGICAL_RULES, make_mesh, replicated
+        from dalle2_jax.training.state import make_optimizer
+        from dalle2_jax.training.trainer import abstract_train_state, jit_train_step, sharded_abstract
+
+        batch_size = int(spec["batch"])
+        devices = jax.devices()[:1]
+
+        def build(remat: str | None):
+            extra = dict(overrides or {})
+            if remat is not None:
+                extra["model.remat"] = remat
+            cfg, stage, batch_abs, frozen_boxed = _stage_from_spec(spec, batch_size, extra)
+            mesh = make_mesh(cfg, devices)
+            tx = make_optimizer(cfg)
+            key = jax.random.key(0)
+            init_fn, state_sh, state_abs = abstract_train_state(stage, tx, cfg, mesh, key)
+            frozen_sh, frozen_abs = (sharded_abstract(frozen_boxed, mesh) if frozen_boxed is not None
+                                     else (None, None))
+            step = jit_train_step(stage, tx, cfg, mesh, state_sh, {k: v.ndim for k, v in batch_abs.items()},
+                                  frozen_sh)
+            key_abs = jax.ShapeDtypeStruct((), key.dtype, sharding=replicated(mesh))
+            return dict(cfg=cfg, stage=stage, mesh=mesh, init_fn=init_fn, state_sh=state_sh, step=step, key=key,
+                        abstract=(state_abs, batch_abs, frozen_abs, key_abs), frozen_sh=frozen_sh)
+
+        b = build(None)
+        cfg, mesh = b["cfg"], b["mesh"]
+        num_params = int(sum(np.prod(x.shape) for x in jax.tree.leaves(b["abstract"][0].params)))
+        with jax.set_mesh(mesh):
+            t0 = time.perf_counter()
+            lowered = b["step"].lower(*b["abstract"])
+            lower_s = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            compiled = lowered.compile()
+            compile_s = time.perf_counter() - t0
+            hw_flops = count_flops(b["step"], *b["abstract"])
+        remat = str(cfg.model.get("remat", "none"))
+        if remat != "none":
+            b0 = build("none")
+            with jax.set_mesh(b0["mesh"]):
+                model_flops = count_flops(b0["step"], *b0["abstract"])
+        else:
+            model_flops = hw_flops
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        mem = compiled.memory_analysis()
+
+        with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
+            self.state = jax.jit(lambda k: nn.meta.unbox(b["init_fn"](k)), out_shardings=b["state_sh"])(b["key"])
+        self.batch = jax.device_put(_random_like(b["abstract"][1], jax.random.key(1)), devices[0])
+        self.frozen = None
+        if b["abstract"][2] is not None:
+            self.frozen = jax.device_put(jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), b["abstract"][2]),
+                                         b["frozen_sh"])
+        self.key, self.mesh, self.compiled = jax.random.key(2), mesh, compiled
+        total_b = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
+                   + mem.temp_size_in_bytes) if mem is not None else None
+        self.info = {
+            "key": spec["key"], "config": spec["config"],
+            "overrides": {**spec.get("overrides", {}), **(overrides or {})},
+            "stage": cfg.stage, "batch": batch_size, "params": num_params,
+            "dtype": str(cfg.model.get("dtype", "float32")), "remat": remat, "lower_s": lower_s,
+            "compile_s": compile_s, "model_flops": model_flops, "hardware_flops": hw_flops,
+            "xla_cost_flops": float(cost.get("flops", 0.0)),
+            "xla_bytes_accessed": float(cost.get("bytes accessed", 0.0)),
+            "xla_memory_bytes": {"arguments": mem.argument_size_in_bytes, "outputs": mem.output_size_in_bytes,
+                                 "aliased": mem.alias_size_in_bytes, "temporaries": mem.temp_size_in_bytes,
+                                 "total": total_b} if mem is not None else None,
+        }
+
+    def run(self, steps: int) -> list[float]:
+        """Wall times of `steps` train steps (each waits for its metrics)."""
+        import jax
+
+        times = []
+        with jax.set_mesh(self.mesh):
+            for _ in range(steps):
+                t0 = time.perf_counter()
+                self.state, metrics = self.compiled(self.state, self.batch, self.frozen, self.key)
+                jax.block_until_ready(metrics)
+                times.append(time.perf_counter() - t0)
+        return times
+
+
 def bench_train(spec: dict, steps: int, warmup: int = 2, overrides: dict | None = None) -> dict:
     """Compile and time one stage's real train step on random data (see the module docstring)."""
-    import flax.linen as nn
-    import jax
-    import numpy as np
-
-    from dalle2_jax.training.flops import count_flops
-    from dalle2_jax.training.partitioning import LOGICAL_RULES, make_mesh, replicated
-    from dalle2_jax.training.state import make_optimizer
-    from dalle2_jax.training.trainer import abstract_train_state, jit_train_step, sharded_abstract
-
-    batch_size = int(spec["batch"])
-    devices = jax.devices()[:1]
-
-    def build(remat: str | None):
-        extra = dict(overrides or {})
-        if remat is not None:
-            extra["model.remat"] = remat
-        cfg, stage, batch_abs, frozen_boxed = _stage_from_spec(spec, batch_size, extra)
-        mesh = make_mesh(cfg, devices)
-        tx = make_optimizer(cfg)
-        key = jax.random.key(0)
-        init_fn, state_sh, state_abs = abstract_train_state(stage, tx, cfg, mesh, key)
-        frozen_sh, frozen_abs = sharded_abstract(frozen_boxed, mesh) if frozen_boxed is not None else (None, None)
-        step = jit_train_step(stage, tx, cfg, mesh, state_sh, {k: v.ndim for k, v in batch_abs.items()}, frozen_sh)
-        key_abs = jax.ShapeDtypeStruct((), key.dtype, sharding=replicated(mesh))
-        return dict(cfg=cfg, stage=stage, mesh=mesh, init_fn=init_fn, state_sh=state_sh, step=step, key=key,
-                    abstract=(state_abs, batch_abs, frozen_abs, key_abs), frozen_sh=frozen_sh)
-
-    b = build(None)
-    cfg, mesh = b["cfg"], b["mesh"]
-    num_params = int(sum(np.prod(x.shape) for x in jax.tree.leaves(b["abstract"][0].params)))
-    with jax.set_mesh(mesh):
-        t0 = time.perf_counter()
-        lowered = b["step"].lower(*b["abstract"])
-        lower_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        compiled = lowered.compile()
-        compile_s = time.perf_counter() - t0
-        hw_flops = count_flops(b["step"], *b["abstract"])
-    remat = str(cfg.model.get("remat", "none"))
-    if remat != "none":
-        b0 = build("none")
-        with jax.set_mesh(b0["mesh"]):
-            model_flops = count_flops(b0["step"], *b0["abstract"])
-    else:
-        model_flops = hw_flops
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    mem = compiled.memory_analysis()
-
-    with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
-        state = jax.jit(lambda k: nn.meta.unbox(b["init_fn"](k)), out_shardings=b["state_sh"])(b["key"])
-    batch = jax.device_put(_random_like(b["abstract"][1], jax.random.key(1)), devices[0])
-    frozen = None
-    if b["abstract"][2] is not None:
-        import jax.numpy as jnp
-
-        frozen = jax.device_put(jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), b["abstract"][2]), b["frozen_sh"])
-    key = jax.random.key(2)
-    times = []
-    with jax.set_mesh(mesh):
-        for i in range(warmup + steps):
-            t0 = time.perf_counter()
-            state, metrics = compiled(state, batch, frozen, key)
-            jax.block_until_ready(metrics)
-            if i >= warmup:
-                times.append(time.perf_counter() - t0)
+    ts = TrainStep(spec, overrides)
+    ts.run(warmup)
+    times = ts.run(steps)
     step_s = statistics.median(times)
-    total_b = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
-               + mem.temp_size_in_bytes) if mem is not None else None
+    info = ts.info
     return {
-        "key": spec["key"], "config": spec["config"], "overrides": {**spec.get("overrides", {}), **(overrides or {})},
-        "stage": cfg.stage, "batch": batch_size, "params": num_params, "dtype": str(cfg.model.get("dtype", "float32")),
-        "remat": remat, "steps_timed": steps, "lower_s": lower_s, "compile_s": compile_s,
-        "step_s": step_s, "step_s_min": min(times), "step_s_max": max(times), "examples_per_s": batch_size / step_s,
-        "model_flops": model_flops, "hardware_flops": hw_flops, "xla_cost_flops": float(cost.get("flops", 0.0)),
-        "xla_bytes_accessed": float(cost.get("bytes accessed", 0.0)),
-        "achieved_flops_per_s": model_flops / step_s,
-        "xla_memory_bytes": {"arguments": mem.argument_size_in_bytes, "outputs": mem.output_size_in_bytes,
-                             "aliased": mem.alias_size_in_bytes, "temporaries": mem.temp_size_in_bytes,
-                             "total": total_b} if mem is not None else None,
+        **{k: info[k] for k in ("key", "config", "overrides", "stage", "batch", "params", "dtype", "remat")},
+        "steps_timed": steps, "lower_s": info["lower_s"], "compile_s": info["compile_s"],
+        "step_s": step_s, "step_s_min": min(times), "step_s_max": max(times), "examples_per_s": info["batch"] / step_s,
+        **{k: info[k] for k in ("model_flops", "hardware_flops", "xla_cost_flops", "xla_bytes_accessed")},
+        "achieved_flops_per_s": info["model_flops"] / step_s, "xla_memory_bytes": info["xla_memory_bytes"],
         "device_peak_bytes": _device_peak_bytes(), "process_peak_rss_bytes": _rss_peak_bytes(),
     }
 
@@ -316,14 +344,16 @@ def bench_data(spec: dict, batches: int, warmup: int = 5) -> dict:
             "examples_per_s": batches * int(spec["batch"]) / seconds}
 
 
-def bench_sampling(spec: dict, reps: int = 3) -> dict:
-    """Seconds per image of one stage's sampler at its default steps, and the time of one denoiser call."""
+def sampling_setup(spec: dict, overrides: dict | None = None) -> dict:
+    """One stage's jitted sampler at a suite entry's config and batch, with random params and inputs: `call()`
+    samples the batch once; `den`, `x`, `cond` describe one denoiser call (None for the CLIP text encoder).
+    Used by bench_sampling and by benchmarks/peer/compare.py."""
     import flax.linen as nn
     import jax
     import jax.numpy as jnp
 
     b = int(spec["batch"])
-    cfg, stage, _, _ = _stage_from_spec(spec, 1)
+    cfg, stage, _, _ = _stage_from_spec(spec, 1, overrides)
     cond: tuple = ()
     key = jax.random.key(0)
     params = nn.meta.unbox(jax.jit(stage.init_params)(key))
@@ -334,7 +364,7 @@ def bench_sampling(spec: dict, reps: int = 3) -> dict:
         tokens = jax.random.randint(k1, (b, int(t.context_length)), 1, 32, jnp.int32)
         run = jax.jit(lambda p, tok: stage.model.apply(p, tok, method="encode_text_full"))
         call = lambda: run(params, tokens)  # noqa: E731
-        den = None
+        den = x = None
     elif cfg.stage == "prior":
         s = cfg.sampling
         steps, kc = int(s.steps), int(s.num_candidates)
@@ -368,6 +398,18 @@ def bench_sampling(spec: dict, reps: int = 3) -> dict:
         cond = (low, key)
     else:
         raise ValueError(f"no sampling benchmark for {spec['key']}")
+    return dict(cfg=cfg, stage=stage, params=params, call=call, steps=steps, den=den, x=x, cond=cond,
+                batch=b)
+
+
+def bench_sampling(spec: dict, reps: int = 3) -> dict:
+    """Seconds per image of one stage's sampler at its default steps, and the time of one denoiser call."""
+    import jax
+    import jax.numpy as jnp
+
+    su = sampling_setup(spec)
+    cfg, params, call, steps, den, x, cond, b = (su[k] for k in ("cfg", "params", "call", "steps", "den", "x", "cond",
+                                                                  "batch"))
     t0 = time.perf_counter()
     jax.block_until_ready(call())
     first_s = time.perf_counter() - t0
