@@ -670,6 +670,9 @@ def write_markdown(path: str | None = None) -> str:
     for name in sorted(os.listdir(RESULTS)):
         if name.startswith("benchmarks_") and name.endswith(".json"):
             sections.append(markdown_section(json.load(open(os.path.join(RESULTS, name)))))
+    peer = os.path.join(RESULTS, "peer_cpu.md")  # benchmarks/peer/compare.py's side-by-side table
+    if os.path.exists(peer):
+        sections.append("## Side by side with DALLE2-pytorch (CPU)\n\n" + open(peer).read())
     extra = os.path.join(REPO, "benchmarks", "NOTES.md")
     text = HEADER + "\n" + "\n".join(sections) + (("\n" + open(extra).read()) if os.path.exists(extra) else "")
     with open(path, "w") as f:
