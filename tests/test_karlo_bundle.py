@@ -197,8 +197,8 @@ def _clip_preprocess(image: np.ndarray, size: int) -> np.ndarray:
 
 
 def test_generate_on_the_karlo_bundle(pipe, imported, tmp_path):
-    """`dalle2-jax generate --bundle KARLO_BUNDLE` writes the cascade's images (64 px from the tiny 16 px decoder);
-    the pipeline's text -> image (seeded), variations, interpolation and inpainting run on the bundle."""
+    """`dalle2-jax generate --bundle KARLO_BUNDLE` writes the cascade's images (64 px from the tiny 16 px decoder),
+    and the pipeline's text -> image is seeded."""
     from dalle2_jax import cli
 
     settings = {"prior": {"steps": 2}, "decoder": {"steps": 2}, "upsampler_16to64": {"steps": 2}}
@@ -206,8 +206,20 @@ def test_generate_on_the_karlo_bundle(pipe, imported, tmp_path):
     b = pipe.generate(["a red cube"], num_images=2, seed=1, settings=settings)
     assert a.images.shape == (2, 64, 64, 3) and a.images.dtype == np.uint8 and np.array_equal(a.images, b.images)
     assert a.stages["decoder"].shape == (2, 16, 16, 3)
-    # the image methods: the image tower's raw embedding, DDIM inversion and decoding conditioned on the empty
-    # caption's encodings (variations, interpolation); RePaint with the prompt's encodings (inpainting)
+    out = tmp_path / "gen"
+    with pytest.raises(SystemExit) as e:
+        cli.main(["dalle2-jax", "generate", "--bundle", imported[0], "--out", str(out), "--num", "1",
+                  "--prior_steps", "2", "--decoder_steps", "2", "--upsampler_steps", "2", "a red cube"])
+    assert e.value.code in (0, None)
+    pngs = sorted(p for p in os.listdir(out) if p.endswith(".png"))
+    assert pngs, os.listdir(out)
+
+
+@pytest.mark.slow
+def test_image_methods_on_the_karlo_bundle(pipe):
+    """The image methods: the image tower's raw embedding, DDIM inversion and decoding conditioned on the empty
+    caption's encodings (variations, interpolation); RePaint with the prompt's encodings (inpainting)."""
+    settings = {"prior": {"steps": 2}, "decoder": {"steps": 2}, "upsampler_16to64": {"steps": 2}}
     img = ref_image()
     v = pipe.variations(img, num=2, seed=0, settings=settings)
     assert v.images.shape == (2, 64, 64, 3) and not np.array_equal(v.images[0], v.images[1])
@@ -217,13 +229,6 @@ def test_generate_on_the_karlo_bundle(pipe, imported, tmp_path):
     mask[:, : img.shape[1] // 2] = 255
     p = pipe.inpaint(img, mask, "a red cube", num=1, settings=settings, resample=1, jump_length=1)
     assert p.images.shape == (1, 64, 64, 3)
-    out = tmp_path / "gen"
-    with pytest.raises(SystemExit) as e:
-        cli.main(["dalle2-jax", "generate", "--bundle", imported[0], "--out", str(out), "--num", "1",
-                  "--prior_steps", "2", "--decoder_steps", "2", "--upsampler_steps", "2", "a red cube"])
-    assert e.value.code in (0, None)
-    pngs = sorted(p for p in os.listdir(out) if p.endswith(".png"))
-    assert pngs, os.listdir(out)
 
 
 def ref_image() -> np.ndarray:
