@@ -39,7 +39,9 @@ setup(
         # (array_record) use their own GCS clients.
         "gcs": ["gcsfs>=2024.2"],
         # the remote-path tests run every GCS client against a local emulator (tests/fake_gcs.py)
-        "test": ["pytest>=8", "pytest-xdist>=3.5", "ruff>=0.6", "gcsfs>=2024.2", "gcp-storage-emulator>=2024.8"],
+        # filelock: the test session's shared fixtures are built once for all xdist workers (tests/conftest.py)
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "filelock>=3.12", "ruff>=0.6", "gcsfs>=2024.2",
+                 "gcp-storage-emulator>=2024.8"],
         "tpu": ["jax[tpu]>=0.10.2"],
         "cuda": ["jax[cuda12]>=0.10.2"],
     },

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 
 import pytest
 from absl import flags
+from filelock import FileLock
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
@@ -17,13 +20,52 @@ def _absl_flags():
         flags.FLAGS.mark_as_parsed()
 
 
+def _session_root(tmp_path_factory):
+    """A folder of this test session that every pytest-xdist worker sees (the workers' base temp dirs share a
+    parent); None without xdist."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return None
+    root = tmp_path_factory.getbasetemp().parent / "shared"
+    root.mkdir(exist_ok=True)
+    return root
+
+
+def built_once(tmp_path_factory, name: str, build):
+    """(folder, build's result if a dict, else None): `build(folder)` run once per test session for all xdist
+    workers. The first worker to ask builds under a file lock (filelock: pytest-xdist's recipe for session
+    fixtures) while the others wait, then reuse the folder and the result (through JSON); without xdist, an
+    ordinary session folder. Tests must not write into these folders: copy them first (`copy_workdir`)."""
+    root = _session_root(tmp_path_factory)
+    if root is None:
+        folder = str(tmp_path_factory.mktemp(name))
+        result = build(folder)
+        return folder, result if isinstance(result, dict) else None
+    folder, done = root / name, root / f"{name}.result.json"
+    with FileLock(str(root / f"{name}.lock")):
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)  # a worker that failed half-way
+            folder.mkdir()
+            result = build(str(folder))
+            done.write_text(json.dumps(result if isinstance(result, dict) else None, default=float))
+        return str(folder), json.loads(done.read_text())
+
+
+def copy_workdir(src: str, dst) -> str:
+    """A private copy of a shared fixture's workdir, for a test that writes into it (evaluation reports)."""
+    shutil.copytree(src, str(dst))
+    return str(dst)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _compilation_cache(tmp_path_factory):
-    """JAX's persistent compilation cache for this session: the CLI tests load a bundle again in-process,
-    and its sampling loops then compile to the executables the pipeline tests already built."""
+    """JAX's persistent compilation cache for this session, shared by the xdist workers: the CLI tests load a
+    bundle again in-process, and its sampling loops then compile to the executables the pipeline tests (in
+    either worker) already built."""
     import jax
 
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
+    root = _session_root(tmp_path_factory)
+    cache = root / "jax_cache" if root is not None else tmp_path_factory.mktemp("jax_cache")
+    jax.config.update("jax_compilation_cache_dir", str(cache))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     yield
     jax.config.update("jax_compilation_cache_dir", None)
@@ -61,9 +103,8 @@ def shapes_data_dir(tmp_path_factory) -> str:
     """A data dir holding captioned_shapes/64 with 256 train and 64 test examples."""
     from dalle2_jax.data.captioned_shapes import prepare_captioned_shapes
 
-    d = str(tmp_path_factory.mktemp("tfds"))
-    prepare_captioned_shapes(d, "64", num_train=256, num_test=64, num_workers=0)
-    return d
+    return built_once(tmp_path_factory, "tfds", lambda d: prepare_captioned_shapes(
+        d, "64", num_train=256, num_test=64, num_workers=0))[0]
 
 
 @pytest.fixture(scope="session")
@@ -71,9 +112,7 @@ def trained_clip(tmp_path_factory, shapes_data_dir) -> str:
     """A CLIP workdir trained for 4 steps through the trainer (checkpoints at steps 2 and 4)."""
     from dalle2_jax.training.trainer import train
 
-    workdir = str(tmp_path_factory.mktemp("clip_workdir"))
-    train(small_config(shapes_data_dir), workdir)
-    return workdir
+    return built_once(tmp_path_factory, "clip_workdir", lambda w: train(small_config(shapes_data_dir), w))[0]
 
 
 def small_prior_config(data_dir: str, clip_workdir: str, **overrides):
@@ -110,10 +149,9 @@ def trained_prior(tmp_path_factory, shapes_data_dir, trained_clip) -> tuple[str,
     """(workdir, train output) of a prior trained for 4 steps on the tiny CLIP, standardised embeddings."""
     from dalle2_jax.training.trainer import train
 
-    workdir = str(tmp_path_factory.mktemp("prior_workdir"))
     cfg = small_prior_config(shapes_data_dir, trained_clip, **{"model.embedding_norm": "standardize",
                                                                "model.stats_examples": 64})
-    return workdir, train(cfg, workdir)
+    return built_once(tmp_path_factory, "prior_workdir", lambda w: train(cfg, w))
 
 
 @pytest.fixture(scope="session")
@@ -121,8 +159,8 @@ def trained_decoder(tmp_path_factory, shapes_data_dir, trained_clip) -> tuple[st
     """(workdir, train output) of the small decoder trained for 4 steps on the tiny CLIP."""
     from dalle2_jax.training.trainer import train
 
-    workdir = str(tmp_path_factory.mktemp("decoder_workdir"))
-    return workdir, train(small_decoder_config(shapes_data_dir, trained_clip), workdir)
+    return built_once(tmp_path_factory, "decoder_workdir",
+                      lambda w: train(small_decoder_config(shapes_data_dir, trained_clip), w))
 
 
 @pytest.fixture(scope="session")
@@ -131,9 +169,8 @@ def trained_upsampler(tmp_path_factory, shapes_256_data_dir) -> tuple[str, dict]
     conditioning (max level 100, sampling at level 10)."""
     from dalle2_jax.training.trainer import train
 
-    workdir = str(tmp_path_factory.mktemp("upsampler_workdir"))
     cfg = small_upsampler_config(shapes_256_data_dir, **{"model.max_noise_level": 100, "sampling.noise_level": 10})
-    return workdir, train(cfg, workdir)
+    return built_once(tmp_path_factory, "upsampler_workdir", lambda w: train(cfg, w))
 
 
 @pytest.fixture(scope="session")
@@ -141,9 +178,11 @@ def tiny_bundle(tmp_path_factory, trained_clip, trained_prior, trained_decoder, 
     """A bundle exported from the session's tiny CLIP, prior, decoder and 64->256 upsampler."""
     from dalle2_jax.inference.bundle import export_bundle
 
-    out = str(tmp_path_factory.mktemp("bundles") / "tiny")
-    export_bundle(out, trained_clip, trained_decoder[0], prior=trained_prior[0], upsamplers=(trained_upsampler[0],))
-    return out
+    def build(folder):
+        export_bundle(os.path.join(folder, "tiny"), trained_clip, trained_decoder[0], prior=trained_prior[0],
+                      upsamplers=(trained_upsampler[0],))
+
+    return os.path.join(built_once(tmp_path_factory, "bundles", build)[0], "tiny")
 
 
 @pytest.fixture(scope="session")
@@ -151,9 +190,8 @@ def shapes_256_data_dir(tmp_path_factory) -> str:
     """A data dir holding captioned_shapes/64_256 with 32 train and 4 test examples."""
     from dalle2_jax.data.captioned_shapes import prepare_captioned_shapes
 
-    d = str(tmp_path_factory.mktemp("tfds256"))
-    prepare_captioned_shapes(d, "64_256", num_train=32, num_test=4, num_workers=0)
-    return d
+    return built_once(tmp_path_factory, "tfds256", lambda d: prepare_captioned_shapes(
+        d, "64_256", num_train=32, num_test=4, num_workers=0))[0]
 
 
 def small_upsampler_config(data_dir: str, **overrides):

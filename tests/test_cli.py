@@ -6,7 +6,9 @@ import glob
 import json
 import os
 
+import numpy as np
 import pytest
+from conftest import copy_workdir
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLIP_TINY = os.path.join(REPO, "configs", "clip.py") + ":tiny"
@@ -40,8 +42,9 @@ def test_train_cli_end_to_end(shapes_data_dir, tmp_path, capsys):
     assert os.path.exists(os.path.join(workdir, "reports", "eval_3.json"))
 
 
-def test_evaluate_cli_prints_json_last(trained_clip, capsys):
-    code, out, err = _run(capsys, "evaluate", "--workdir", trained_clip)
+def test_evaluate_cli_prints_json_last(trained_clip, tmp_path, capsys):
+    workdir = copy_workdir(trained_clip, tmp_path / "clip")
+    code, out, err = _run(capsys, "evaluate", "--workdir", workdir)
     assert code == 0, err
     result = json.loads(out.strip().splitlines()[-1])
     for key in ("step", "num_examples", "params", "zero_shot_color_acc", "zero_shot_shape_acc",
@@ -49,7 +52,7 @@ def test_evaluate_cli_prints_json_last(trained_clip, capsys):
         assert key in result, key
     assert result["step"] == 4 and result["params"] == "ema" and result["num_examples"] == 64
     assert 0.0 <= result["zero_shot_shape_acc"] <= 1.0
-    assert json.load(open(os.path.join(trained_clip, "reports", "eval_4.json"))) == result
+    assert json.load(open(os.path.join(workdir, "reports", "eval_4.json"))) == result
 
 
 def test_params_tool_counts_paper_clip_without_memory(capsys):
@@ -102,8 +105,12 @@ def test_train_on_a_user_folder(tmp_path, capsys):
 
 def test_evaluate_sampling_overrides_write_their_own_report(trained_decoder, tmp_path, capsys):
     """`evaluate --sampling KEY=VALUE` evaluates with changed sampling settings, records them, and leaves the
-    training run's report alone; bad overrides exit 2 naming the problem."""
+    training run's report alone; bad overrides exit 2 naming the problem. `--raw_params` evaluates the raw
+    params; `--renoise_steps` adds the checker's
+    renoise_t<t>_* accuracies and the conditioning probe's x0_mse_t<t>_<mode> errors."""
     import shutil
+
+    from dalle2_jax.stages import get_stage_class
 
     workdir = str(tmp_path / "decoder")
     shutil.copytree(trained_decoder[0], workdir)
@@ -116,17 +123,23 @@ def test_evaluate_sampling_overrides_write_their_own_report(trained_decoder, tmp
     assert result["num_examples"] == 8 and "clip_cosine" in result
     assert json.load(open(os.path.join(workdir, "reports", "eval_4_eta1.0_samplerddim_steps1.json"))) == result
     assert json.load(open(os.path.join(workdir, "reports", "eval_4.json"))) == before
-    code, out, err = _run(capsys, "evaluate", "--workdir", workdir, "--raw_params", "--max_examples", "8")
-    assert code == 0, err
-    assert json.loads(out.strip().splitlines()[-1])["params"] == "raw"
-    assert os.path.exists(os.path.join(workdir, "reports", "eval_4_raw.json"))
-    assert json.load(open(os.path.join(workdir, "reports", "eval_4.json"))) == before
-    code, out, err = _run(capsys, "evaluate", "--workdir", workdir, "--renoise_steps", "1,900",
+    code, out, err = _run(capsys, "evaluate", "--workdir", workdir, "--raw_params", "--renoise_steps", "1,900",
                           "--max_examples", "8")
     assert code == 0, err
     result = json.loads(out.strip().splitlines()[-1])
-    assert result["renoise_steps"] == [1, 900] and 0 <= result["renoise_t900_color_acc"] <= 1
-    assert os.path.exists(os.path.join(workdir, "reports", "eval_4_renoise1-900.json"))
+    assert result["params"] == "raw" and result["renoise_steps"] == [1, 900]
+    assert os.path.exists(os.path.join(workdir, "reports", "eval_4_renoise1-900_raw.json"))
+    assert json.load(open(os.path.join(workdir, "reports", "eval_4.json"))) == before
+    for t in (1, 900):  # the checker's accuracies on the renoised real images
+        for k in ("color_acc", "shape_acc", "shape_acc_small", "shape_acc_large"):
+            v = result[f"renoise_t{t}_{k}"]
+            assert v is None or np.isnan(v) or 0 <= v <= 1, (t, k, v)
+    assert result["renoise_t1_color_acc"] >= 0.75  # the real images, barely noised, keep their colours
+    # the conditioning probe: x0 MSE per conditioning; at t = 1 the prediction is the image itself
+    for t in (1, 900):
+        for m in get_stage_class("decoder").COND_PROBE_MODES:
+            assert np.isfinite(result[f"x0_mse_t{t}_{m}"]) and result[f"x0_mse_t{t}_{m}"] >= 0, (t, m)
+    assert result["x0_mse_t1_both"] < 1e-3 < result["x0_mse_t900_both"]
     for bad, message in [("0", "must be in (0, 1000)"), ("x", "integers")]:
         code, _, err = _run(capsys, "evaluate", "--workdir", workdir, "--renoise_steps", bad)
         assert code == 2 and message in err, (bad, err)

@@ -36,6 +36,7 @@ def test_import_sets_the_flag_unless_the_user_did():
     assert _run(show, DALLE2_JAX_XLA_DEFAULTS="0") == ""
 
 
+@pytest.mark.slow  # two processes compile a UNet train step (~100 s); every default test runs with the flags
 def test_train_steps_match_with_and_without_the_flags():
     """Four real train steps of a tiny decoder: the same losses (within 1e-5 relative) with the flags and without
     them, and the pinned curve within 1e-3."""

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import fixed_batch_losses, small_prior_config, steps_on_one_and_eight_devices
+from conftest import copy_workdir, fixed_batch_losses, small_prior_config, steps_on_one_and_eight_devices
 
 
 def test_prior_overfits_one_batch(shapes_data_dir, trained_clip, tmp_path):
@@ -22,10 +22,10 @@ def test_prior_overfits_one_batch(shapes_data_dir, trained_clip, tmp_path):
     assert {"loss_q0", "loss_q1", "loss_q2", "loss_q3"} <= set(metrics)
 
 
-def test_prior_train_and_evaluate(trained_prior):
+def test_prior_train_and_evaluate(trained_prior, tmp_path):
     from dalle2_jax.evaluate import evaluate_workdir
 
-    workdir, out = trained_prior
+    workdir, out = copy_workdir(trained_prior[0], tmp_path / "prior"), trained_prior[1]
     assert np.isfinite(out["train"]["loss"])
     stats = json.load(open(os.path.join(workdir, "stats", "image_embedding_stats.json")))
     assert stats["num_examples"] == 64 and len(stats["mean"]) == len(stats["std"]) == 128

@@ -66,6 +66,13 @@ def _perturbed_params(model: UNet, inputs: dict, seed: int) -> dict:
     return jax.tree.map(lambda x: x + 0.1 * rng.standard_normal(x.shape).astype(np.float32), params)
 
 
+def _apply_twice(model: UNet, params: dict, inputs: dict, x2: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The model on `inputs` and on the same inputs with x = x2, as one jitted batch (one compile)."""
+    both = {k: jnp.concatenate([v, v]) for k, v in inputs.items()}
+    both["x"] = jnp.concatenate([inputs["x"], x2])
+    return jnp.split(jax.jit(model.apply)(params, **both), 2)
+
+
 def _inputs(b=2):
     k = jax.random.split(jax.random.key(3), 3)
     return dict(x=jax.random.normal(k[0], (b, 16, 16, 3)), t=jnp.array([10, 500][:b]),
@@ -217,10 +224,10 @@ def test_patch_size_folds_patches_into_channels():
     assert params["params"]["in_conv"]["conv"]["kernel"].shape[2] == 12
     assert params["params"]["out_conv"]["conv"]["kernel"].shape[3] == 24
     assert any("attn" in k for k in params["params"])  # 8 px at image size 16 = the first level of a p=2 UNet
-    out = model.apply(params, **inputs)
-    assert out.shape == (2, 16, 16, 6)
     x2 = inputs["x"].at[:, 8:10, 8:10].add(1.0)  # one 2x2 patch changed
-    assert not np.allclose(model.apply(params, **dict(inputs, x=x2)), out)
+    out, out2 = _apply_twice(model, params, inputs, x2)
+    assert out.shape == (2, 16, 16, 6)
+    assert not np.allclose(out2, out)
 
     # a full-resolution level around the folded UNet: stem and head blocks at 16 px, out_conv at 16 px
     model = _micro(patch_size=2, attention_resolutions=(8,), full_res_channels=8)
@@ -229,9 +236,9 @@ def test_patch_size_folds_patches_into_channels():
     assert p["full_res_in_conv"]["conv"]["kernel"].shape[2:] == (3, 8)
     assert p["in_conv"]["conv"]["kernel"].shape[2] == 32  # 2x2 patches of the 8-channel stem
     assert p["out_conv"]["conv"]["kernel"].shape[2:] == (8, 6) and "full_res_up" in p and "full_res_down" in p
-    out = model.apply(params, **inputs)
+    out, out2 = _apply_twice(model, params, inputs, x2)
     assert out.shape == (2, 16, 16, 6) and np.isfinite(out).all()
-    assert not np.allclose(model.apply(params, **dict(inputs, x=x2)), out)
+    assert not np.allclose(out2, out)
 
     cfg = get_config("tiny")
     cfg.model.full_res_channels = 8  # patch_size 1: refused

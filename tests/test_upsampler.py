@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import fixed_batch_losses, small_upsampler_config
+from conftest import copy_workdir, fixed_batch_losses, small_upsampler_config
 
 
 def test_pipeline_crops_align_and_are_seeded(shapes_256_data_dir):
@@ -46,12 +46,12 @@ def test_upsampler_overfits_one_batch(shapes_256_data_dir, tmp_path):
     assert np.mean(losses[-10:]) < 0.5 * np.mean(losses[:10]), (losses[:3], losses[-3:])
 
 
-def test_upsampler_trained_on_crops_samples_full_size(trained_upsampler):
+def test_upsampler_trained_on_crops_samples_full_size(trained_upsampler, tmp_path):
     from dalle2_jax.evaluate import evaluate_workdir
     from dalle2_jax.training.checkpoint import load_params, read_config
     from dalle2_jax.training.trainer import Run
 
-    workdir, _ = trained_upsampler
+    workdir = copy_workdir(trained_upsampler[0], tmp_path / "upsampler")
     cfg = read_config(workdir)
     result = evaluate_workdir(workdir)  # samples at the full 256x256 from 64x64 inputs
     for key in ("psnr", "psnr_bicubic", "ssim", "ssim_bicubic"):
