@@ -29,10 +29,14 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "tests"))
 
-# VmHWM, not ru_maxrss: the latter keeps the forking parent's high-water mark across exec
-CHILD = """
+
+
+def tool_child(module: str) -> str:
+    """`python -c` code running dalle2_jax.tools.<module>.run(argv) that prints the process's own peak RSS last,
+    as `peak_rss_kib N` (VmHWM, not ru_maxrss: the latter keeps the forking parent's high-water mark)."""
+    return f"""
 import sys
-from dalle2_jax.tools.import_clip import run
+from dalle2_jax.tools.{module} import run
 try:
     run(sys.argv[1:])
 except SystemExit as e:
@@ -41,6 +45,9 @@ except SystemExit as e:
 with open("/proc/self/status") as f:
     print("peak_rss_kib", next(line.split()[1] for line in f if line.startswith("VmHWM")))
 """
+
+
+CHILD = tool_child("import_clip")
 
 
 def measure(arch: str, tmp: str, seed: int = 0) -> dict:

@@ -35,6 +35,7 @@ import threading
 import time
 
 import numpy as np
+from clip_import import tool_child  # benchmarks/, this script's folder
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, "tests", "fixtures", "karlo_tiny", "pipeline")
@@ -57,18 +58,7 @@ CLIP_L_VISION = {"architectures": ["CLIPVisionModelWithProjection"], "model_type
 
 ST_DTYPES = {"float32": ("F32", np.float32), "float16": ("F16", np.float16)}
 
-# the child prints its own VmHWM at exit (ru_maxrss would keep the forking parent's high-water mark)
-CHILD = """
-import sys
-from dalle2_jax.tools.import_karlo import run
-try:
-    run(sys.argv[1:])
-except SystemExit as e:
-    if e.code:
-        raise
-with open("/proc/self/status") as f:
-    print("peak_rss_kib", next(line.split()[1] for line in f if line.startswith("VmHWM")))
-"""
+CHILD = tool_child("import_karlo")  # prints its own peak RSS last
 
 
 # --- the synthetic folder --------------------------------------------------------------------------------

@@ -723,6 +723,8 @@ def make_pipeline(out_dir: str, seed: int = 60) -> dict:
                           prior_scheduler=scheds["prior"], decoder_scheduler=scheds["decoder"],
                           super_res_scheduler=scheds["super_res"])
     pipe.save_pretrained(pipe_dir, safe_serialization=True)
+    for name in ("prior", "text_proj", "decoder", "super_res_first", "super_res_last"):
+        _drop_local_path(os.path.join(pipe_dir, name, "config.json"))
     # the tokenizer folder as the hub has it (vocab.json + merges.txt), not transformers 5's 3.6 MB tokenizer.json
     shutil.rmtree(os.path.join(pipe_dir, "tokenizer"))
     shutil.move(tok_src, os.path.join(pipe_dir, "tokenizer"))
@@ -793,8 +795,20 @@ def make_pipeline(out_dir: str, seed: int = 60) -> dict:
                       for k in ("prior", "decoder", "super_res")},
                    "pipe/prior/image_emb": rec["image_emb"][0].numpy(),
                    "pipe/decoder/image": decoder_image.numpy(), "pipe/super_res/upscaled": upscaled.numpy(),
+                   "pipe/super_res/x0_first": rec["x0"]["super_res"][0].numpy(),
                    "pipe/image": image.astype(np.float32)})
     return arrays
+
+
+def _drop_local_path(config_path: str) -> None:
+    """Removes `_name_or_path` (the folder this script loaded the component from: a path on its machine) from a
+    saved config.json; diffusers does not need it to load the folder."""
+    with open(config_path) as f:
+        config = json.load(f)
+    if config.pop("_name_or_path", None) is not None:
+        with open(config_path, "w") as f:
+            json.dump(config, f, indent=2, sort_keys=True)
+            f.write("\n")
 
 
 def _alias_unclip() -> None:
@@ -811,10 +825,12 @@ def _alias_unclip() -> None:
 
 def _record(pipe) -> dict:
     """Wraps the pipeline's components in place to record its intermediates: the text encoder's input ids,
-    post_process_latents' output, each scheduler's prev_samples and timesteps, super_res_first's inputs."""
+    post_process_latents' output, each scheduler's prev_samples, x0 predictions (clipped, as the scheduler
+    returns them) and timesteps, super_res_first's inputs."""
 
     rec = {"text_encoder": [], "image_emb": [], "prior": [], "decoder": [], "super_res": [], "super_res_input": [],
-           "timesteps": {"prior": [], "decoder": [], "super_res": []}}
+           "timesteps": {"prior": [], "decoder": [], "super_res": []}, "x0": {"prior": [], "decoder": [],
+                                                                             "super_res": []}}
 
     def te_hook(module, args, kwargs, out):
         ids = args[0] if args else kwargs["input_ids"]
@@ -846,6 +862,7 @@ def _record(pipe) -> dict:
             t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
             rec["timesteps"][_stage].append(int(t))
             rec[_stage].append(out.prev_sample.clone())
+            rec["x0"][_stage].append(out.pred_original_sample.clone())
             return out
 
         sched.step = step
@@ -938,7 +955,8 @@ def make_variation(out_dir: str, seed: int = 70) -> dict:
             **{f"var/{k}/noise": v for k, v in noise.items()},
             **{f"var/{k}/timesteps": np.asarray(rec["timesteps"][k][: PIPE_STEPS[k]], np.int32)
                for k in ("decoder", "super_res")},
-            "var/decoder/image": decoder_image.numpy(), "var/image": out.astype(np.float32)}
+            "var/decoder/image": decoder_image.numpy(), "var/image": out.astype(np.float32),
+            "var/super_res/x0_first": rec["x0"]["super_res"][0].numpy()}
 
 
 def full_size_components() -> dict:
@@ -1148,7 +1166,10 @@ def main() -> None:
                            "intermediates: prior/image_emb (post_process_latents of the prior loop's result), "
                            "decoder/image (the decoder loop's result clamped to [-1, 1], float32: the super-res "
                            "low-res input), super_res/upscaled (its bicubic antialias upsampling to super_res_side), "
-                           "{stage}/timesteps (the loop's timesteps)",
+                           "{stage}/timesteps (the loop's timesteps), super_res/x0_first (the super-res loop's "
+                           "first x0 prediction, at t = 999, clipped to [-1, 1] as UnCLIPScheduler.step returns "
+                           "it: |x0| < 1 marks the values computed unclipped from 1/sqrt(alpha_bar_999) = 2e4 "
+                           "times the model's output)",
             "notes": ["model_index.json is diffusers 0.42.1's save_pretrained output; its text_proj entry "
                       "[\"diffusers\", \"UnCLIPTextProjModel\"] does not load back in diffusers 0.42.1 (the class "
                       "is not exported at the top level; the hub's karlo-v1-alpha names the library \"unclip\"): "
@@ -1178,7 +1199,8 @@ def main() -> None:
                            "values) called with image_embeddings=var/image_embeds (the same output as with the "
                            "PIL images), decoder_latents, super_res_latents given, {stage}/noise injected -> "
                            "var/image; the text inputs are the empty prompt's (var/uncond_*, one row) for BOTH "
-                           "halves of the classifier-free batch; decoder/image is the clamped decoder result",
+                           "halves of the classifier-free batch; decoder/image is the clamped decoder result; "
+                           "super_res/x0_first as pipe/super_res/x0_first",
             "max_abs": {k: float(np.abs(arrays[f"var/{k}"]).max()) for k in ("image_embeds", "decoder/image")}}
         print(f"variation: max |x| {index['variation']['max_abs']}, image mean {arrays['var/image'].mean():.4f}")
     index["versions"] = versions

@@ -25,15 +25,18 @@ PIPELINE = os.path.join(TINY, "pipeline")
 TOL = 1e-3  # the issue's bound for guided steps and the short pipeline run (measured: see the prints)
 
 
-def check_images(ours: np.ndarray, theirs: np.ndarray, what: str) -> dict:
-    """Final images of a 2-step super-res: 99.9% of the values within TOL and all within 2e-2. The first step
-    jumps from t = 999 to t = 0, where x0 = (x_t - sqrt(1 - a) eps) / sqrt(a) with a = alpha_bar(999) = 2.4e-9
-    multiplies an eps difference by 2e4; the x0 clipping to [-1, 1] hides it except at the few values whose x0
-    falls inside, so float32 rounding differences of convolutions (~5e-7) show there as ~1e-2 (our own output
-    moves as much when its input moves by 1e-6). Karlo's 7 default steps are not this ill-conditioned."""
+def check_images(ours: np.ndarray, theirs: np.ndarray, x0_first: np.ndarray) -> dict:
+    """Final images of a 2-step super-res run: every value within TOL of diffusers' except those diffusers itself
+    computed from an UNCLIPPED x0 at t = 999 (x0_first, the scheduler's first x0, is clipped to [-1, 1]: |x0| < 1
+    marks them). There x0 = (x_t - sqrt(1 - a) eps) / sqrt(a) with a = alpha_bar(999) = 2.4e-9 multiplies the
+    float32 rounding of eps (~5e-7 between two convolution implementations) by 2e4, and the 2-step run jumps
+    from t = 999 to t = 0, carrying it to the image: those few values (at most 0.1%) within 2e-2."""
+    unclipped = nhwc(np.abs(x0_first) < 1)
     err = np.abs(ours - theirs)
-    stats = {f"{what} max": float(err.max()), f"{what} p99.9": float(np.quantile(err, 0.999))}
-    assert stats[f"{what} p99.9"] < TOL and stats[f"{what} max"] < 2e-2, stats
+    stats = {"image max": float(err.max()), "image max elsewhere": float(err[~unclipped].max()),
+             "unclipped values": int(unclipped.sum())}
+    assert stats["image max elsewhere"] < TOL and stats["image max"] < 2e-2, stats
+    assert stats["unclipped values"] <= 1e-3 * unclipped.size, stats
     return stats
 
 
@@ -154,7 +157,7 @@ def test_bundle_runs_the_pipeline_like_diffusers(pipe, ref):
     sample = sr.stage.make_sampler(steps=2, sampler="ddpm", output="model")
     x = np.asarray(sample(sr.params, jnp.asarray(small), key, x_T, noise))
     print("bundle 2/2/2 pipeline, max |ours - diffusers|:", {k: f"{v:.1e}" for k, v in err.items()},
-          check_images(np.clip(x * 0.5 + 0.5, 0, 1), ref["pipe/image"], "image"))
+          check_images(np.clip(x * 0.5 + 0.5, 0, 1), ref["pipe/image"], ref["pipe/super_res/x0_first"]))
     assert max(err.values()) < TOL, err
 
 
@@ -186,7 +189,7 @@ def test_image_encoder_and_variation_chain_match_diffusers(pipe, ref):
     x = np.asarray(sr.stage.make_sampler(steps=2, sampler="ddpm", output="model")(sr.params, jnp.asarray(small), key,
                                                                                   x_T, noise))
     print("image encoder + variation chain, max |ours - diffusers|:", {k: f"{v:.1e}" for k, v in err.items()},
-          check_images(np.clip(x * 0.5 + 0.5, 0, 1), ref["var/image"], "image"))
+          check_images(np.clip(x * 0.5 + 0.5, 0, 1), ref["var/image"], ref["var/super_res/x0_first"]))
     assert err["image_embeds"] < 1e-4 and max(err.values()) < TOL, err
 
 
@@ -208,7 +211,7 @@ def test_generate_on_the_karlo_bundle(pipe, imported, tmp_path):
     assert a.stages["decoder"].shape == (2, 16, 16, 3)
     out = tmp_path / "gen"
     with pytest.raises(SystemExit) as e:
-        cli.main(["dalle2-jax", "generate", "--bundle", imported[0], "--out", str(out), "--num", "1",
+        cli.main(["dalle2-jax", "generate", "--bundle", imported[0], "--out", str(out), "--num", "2",
                   "--prior_steps", "2", "--decoder_steps", "2", "--upsampler_steps", "2", "a red cube"])
     assert e.value.code in (0, None)
     pngs = sorted(p for p in os.listdir(out) if p.endswith(".png"))

@@ -101,19 +101,25 @@ def test_karlo_decoder_finetunes(karlo_workdirs, shapes_256_data_dir, tmp_path):
     # a dropped caption is the empty caption's CLIP encodings, the sampler's unconditional half
     stage = DecoderStage(cfg, str(tmp_path / "dec"))
     stage.setup_model()
-    frozen = stage.clip_params()
-    batch = _batch(stage, cfg.data)
-    # the loss with every caption dropped == the loss on empty captions with none dropped
+    dropped, empty, kept = _drop_losses(stage, cfg, os.path.join(w, "decoder"), "caption_drop_prob", 3)
+    assert dropped == pytest.approx(empty, rel=1e-5) and dropped != pytest.approx(kept, rel=1e-5)
+
+
+def _drop_losses(stage, cfg, init_workdir: str, drop_key: str, seed: int) -> tuple[float, float, float]:
+    """The imported params' losses on one batch: with every caption dropped (model.<drop_key> = 1), on the empty
+    caption's tokens with none dropped, and on the batch's own captions with none dropped."""
     from dalle2_jax.training.checkpoint import load_params
 
-    params = load_params(os.path.join(w, "decoder"))[1]
+    frozen = stage.clip_params()
+    batch = _batch(stage, cfg.data)
+    params = load_params(init_workdir)[1]
     empty_batch = dict(batch, tokens=jnp.broadcast_to(jnp.asarray(stage.empty_caption_tokens()), batch["tokens"].shape))
-    rng = jax.random.key(3)
-    stage.config.model.caption_drop_prob = 1.0
-    dropped = float(stage.loss(params, batch, rng, frozen)[0])
-    stage.config.model.caption_drop_prob = 0.0
-    assert dropped == pytest.approx(float(stage.loss(params, empty_batch, rng, frozen)[0]), rel=1e-5)
-    assert dropped != pytest.approx(float(stage.loss(params, batch, rng, frozen)[0]), rel=1e-5)
+    rng = jax.random.key(seed)
+    setattr(stage.config.model, drop_key, 1.0)
+    dropped = float(stage.loss(params, batch, rng, frozen)[0])  # the loss reads the rate on each call
+    setattr(stage.config.model, drop_key, 0.0)
+    loss = lambda b: float(stage.loss(params, b, rng, frozen)[0])
+    return dropped, loss(empty_batch), loss(batch)
 
 
 @pytest.mark.slow
@@ -121,7 +127,6 @@ def test_karlo_prior_finetunes_with_karlo_stats(karlo_workdirs, shapes_256_data_
     import logging
 
     from dalle2_jax.stages.prior import PriorStage
-    from dalle2_jax.training.checkpoint import load_params
     from dalle2_jax.training.trainer import train
 
     w = karlo_workdirs
@@ -139,15 +144,8 @@ def test_karlo_prior_finetunes_with_karlo_stats(karlo_workdirs, shapes_256_data_
     stage = PriorStage(cfg, str(tmp_path / "prior"))
     stage.setup_model()
     np.testing.assert_allclose(stage.emb_mean, stats["mean"], rtol=1e-6)
-    frozen = stage.clip_params()
-    batch = _batch(stage, cfg.data)
-    params = load_params(os.path.join(w, "prior"))[1]
-    empty_batch = dict(batch, tokens=jnp.broadcast_to(jnp.asarray(stage.empty_caption_tokens()), batch["tokens"].shape))
-    rng = jax.random.key(5)
-    stage.config.model.cond_drop_prob = 1.0
-    dropped = float(stage.loss(params, batch, rng, frozen)[0])
-    stage.config.model.cond_drop_prob = 0.0
-    assert dropped == pytest.approx(float(stage.loss(params, empty_batch, rng, frozen)[0]), rel=1e-5)
+    dropped, empty, _ = _drop_losses(stage, cfg, os.path.join(w, "prior"), "cond_drop_prob", 5)
+    assert dropped == pytest.approx(empty, rel=1e-5)
 
 
 @pytest.mark.slow

@@ -968,7 +968,8 @@ def write_karlo(weights: str, out: str, workdirs: str | None = None, image_encod
         gc.collect()
         clip_dir = os.path.join(tmp, "clip")
 
-        def stage_dir(name: str, config, json_files: dict | None = None) -> tuple[str, Any]:
+        def bundle_stage(name: str, config, models: dict, sources: dict, json_files: dict | None = None) -> None:
+            """The bundle's stage folder: its JSON files, config (computing in the bundle's dtype), models."""
             d = os.path.join(tmp, name)
             os.makedirs(d)
             for rel, obj in (json_files or {}).items():
@@ -979,7 +980,8 @@ def write_karlo(weights: str, out: str, workdirs: str | None = None, image_encod
             saved.model.dtype = dtype  # computes in the params' dtype: float32 runs as diffusers does in fp32
             with open(os.path.join(d, "config.json"), "w") as f:
                 f.write(config_to_json(saved))
-            return d, B.build_stage(stage_kind[name], saved, d, clip_dir)
+            stage = B.build_stage(stage_kind[name], saved, d, clip_dir)
+            entries.append(B.write_stage_models(tmp, name, stage_kind[name], stage, models, dtype, sources))
 
         def workdir(name: str, config, variables: dict, json_files: dict | None = None, tok: bool = True) -> None:
             if not wtmp:
@@ -1009,23 +1011,21 @@ def write_karlo(weights: str, out: str, workdirs: str | None = None, image_encod
         stats = {"num_examples": 0, "source": "karlo clip_mean / clip_std", "mean": prior.stats["mean"].tolist(),
                  "std": prior.stats["std"].tolist()}
         json_files = {os.path.join("stats", "image_embedding_stats.json"): stats}
-        _, stage = stage_dir("prior", prior.config, json_files)
-        entries.append(B.write_stage_models(tmp, "prior", "prior", stage, {"main": prior.variables}, dtype,
-                                            {"main": {"diffusers": folders["prior"]}}))
+        bundle_stage("prior", prior.config, {"main": prior.variables}, {"main": {"diffusers": folders["prior"]}},
+                     json_files)
         workdir("prior", prior.config, prior.variables, json_files)
         report["components"]["prior"] = {"num_tensors": prior.num_tensors, "num_params": prior.num_params}
-        del prior, stage
+        del prior
         gc.collect()
         # the decoder (+ text_proj)
         log(f"decoder: importing {folders['decoder']} and {folders['text_proj']}")
         dec = load_decoder(folders["decoder"], folders["text_proj"])
         _to_device(dec.variables)
-        _, stage = stage_dir("decoder", dec.config)
-        entries.append(B.write_stage_models(tmp, "decoder", "decoder", stage, {"main": dec.variables}, dtype,
-                                            {"main": {"diffusers": [folders["decoder"], folders["text_proj"]]}}))
+        bundle_stage("decoder", dec.config, {"main": dec.variables},
+                     {"main": {"diffusers": [folders["decoder"], folders["text_proj"]]}})
         workdir("decoder", dec.config, dec.variables)
         report["components"]["decoder"] = {"num_tensors": dec.num_tensors, "num_params": dec.num_params}
-        del dec, stage
+        del dec
         gc.collect()
         # the super-res UNets: one stage, two models
         log(f"upsampler: importing {folders['super_res_first']} and {folders['super_res_last']}")
@@ -1034,16 +1034,15 @@ def write_karlo(weights: str, out: str, workdirs: str | None = None, image_encod
         _to_device(sr.last)
         name = f"upsampler_{int(sr.config.data.low_res_resolution)}to{int(sr.config.data.resolution)}"
         stage_kind[name] = "upsampler"
-        _, stage = stage_dir(name, sr.config)
-        entries.append(B.write_stage_models(tmp, name, "upsampler", stage, {"main": sr.first, "last_step": sr.last},
-                                            dtype, {"main": {"diffusers": folders["super_res_first"]},
-                                                    "last_step": {"diffusers": folders["super_res_last"]}}))
+        bundle_stage(name, sr.config, {"main": sr.first, "last_step": sr.last},
+                     {"main": {"diffusers": folders["super_res_first"]},
+                      "last_step": {"diffusers": folders["super_res_last"]}})
         one = sr.config.copy_and_resolve_references()
         one.model.last_step_model = False  # each super-res UNet fine-tunes on its own
         workdir("upsampler", one, sr.first, tok=False)
         workdir("upsampler_last", one, sr.last, tok=False)
         report["components"]["upsampler"] = {"num_tensors": 2 * sr.num_tensors, "num_params": 2 * sr.num_params}
-        del sr, stage
+        del sr
         gc.collect()
         report["num_params"] = int(sum(c["num_params"] for c in report["components"].values()))
         report["seconds"] = round(time.time() - t0, 1)
