@@ -20,8 +20,8 @@ core; `--omp_wait_policy ""` leaves torch's default).
 Workloads (dalle2-jax's side: the repository's configs with the overrides below; DALLE2-pytorch's: torch_side.py):
 - decoder_train: configs/decoder.py:tiny at 64 px, channels 64, mults 1,2,3,4, 2 res blocks, attention at 8 px
   (with the image tokens as context), conv down/upsampling (DALLE2-pytorch's Unet resamples with convs), no caption
-  transformer, 512-d image embedding from precomputed embeddings; batch 8. Peer: Unet(dim=64, dim_mults=(1,2,3,4),
-  cond_on_image_embeds=True) in a Decoder(image_sizes=(64,)).
+  transformer, no dropout (the peer's Unet has none), 512-d image embedding from precomputed embeddings; batch 8.
+  Peer: Unet(dim=64, dim_mults=(1,2,3,4), cond_on_image_embeds=True) in a Decoder(image_sizes=(64,)).
 - prior_train: configs/prior.py:tiny at width 512, depth 6, 8 heads, MLP ratio 5 (the peer's SwiGLU MLP has
   12 d^2 params a layer), a 512-d CLIP with 256 text tokens (260 positions), from precomputed embeddings (no CLIP
   in the step); batch 64. Peer: DiffusionPriorNetwork(dim=512, depth=6) in a DiffusionPrior.
@@ -58,7 +58,8 @@ EMB = "precomputed"  # benchmarks.run.EMB: the from-embeddings step, no files re
 
 _DECODER = {"data.embeddings_dir": EMB, "data.resolution": 64, "model.channels": 64, "model.channel_mult": (1, 2, 3, 4),
             "model.num_res_blocks": 2, "model.attention_resolutions": (8,), "model.resblock_updown": False,
-            "model.caption_depth": 0, "model.clip_embed_dim": 512}
+            "model.caption_depth": 0, "model.clip_embed_dim": 512,
+            "model.dropout": 0.0}  # the peer's Unet has no dropout (its ResnetBlock has none; the tiny config's is 0.1)
 _PRIOR = {"data.embeddings_dir": EMB, "model.width": 512, "model.depth": 6, "model.heads": 8, "model.mlp_ratio": 5.0,
           "model.clip_embed_dim": 512, "model.clip_text_width": 512, "model.clip_context_length": 256}
 _PRIOR_CLIP = {"model.embed_dim": 512, "model.text.width": 512, "model.text.heads": 8,
