@@ -251,7 +251,9 @@ def test_text_only_bundle_refuses_images_by_name(tmp_path):
     assert report["components"]["clip"]["towers"] == ["text"]
     p = UnCLIPPipeline.from_bundle(str(tmp_path / "b"), log=lambda _: None)
     settings = {"prior": {"steps": 2}, "decoder": {"steps": 2}, "upsampler_16to64": {"steps": 2}}
-    assert p.generate(["a cube"], seed=0, settings=settings, num_upsamplers=0).images.shape == (1, 16, 16, 3)
+    # two images: the shapes test_generate_on_the_karlo_bundle compiled (the same prior and decoder programs)
+    out = p.generate(["a cube"], num_images=2, seed=0, settings=settings, num_upsamplers=0)
+    assert out.images.shape == (2, 16, 16, 3)
     with pytest.raises(InputError, match="no image tower"):
         p.embed_images(np.zeros((1, 32, 32, 3), np.uint8))
 
