@@ -39,6 +39,8 @@ import tempfile
 import time
 from typing import Any
 
+from dalle2_jax.runtime_env import malloc_env
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(REPO, "benchmarks", "results")
 SECTIONS = ("peak", "train", "data", "sampling", "fastpaths")
@@ -508,7 +510,8 @@ def run_task(task: dict, in_process: bool = False) -> dict:
         return worker(task)
     with tempfile.NamedTemporaryFile("r", suffix=".json") as f:
         cmd = [sys.executable, "-m", "benchmarks.run", "--_task", json.dumps(task), "--_out", f.name]
-        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+        # the worker runs as a dalle2-jax command would (glibc malloc tunables: dalle2_jax/runtime_env.py)
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=malloc_env())
         if proc.returncode:
             raise RuntimeError(f"{task['kind']} {task.get('spec', {}).get('key', '')}: exit {proc.returncode}\n"
                                f"{proc.stderr[-3000:]}")

@@ -4,6 +4,7 @@ recorded DALLE2-pytorch parameter count within 5% (abstract shapes only; nothing
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -16,16 +17,38 @@ def test_flags():
     a = C.parse_args([])
     assert a.workloads == list(C.WORKLOADS) and a.rounds == 5 and a.steps == 2 and a.threads == 2
     assert a.sample_calls == 1 and a.order == "abab" and a.omp_wait_policy == "PASSIVE"
-    assert a.sample_steps is None and a.out == C.DEFAULT_OUT
+    assert a.sample_steps is None and a.out == C.DEFAULT_OUT and a.warmup_steps == 1
+    assert not a.peer_malloc_tunables
     s = C.parse_args(["--smoke", "--workloads", "prior_train", "--out", "/tmp/x.json"])
     assert (s.rounds, s.steps, s.sample_steps) == (C.SMOKE["rounds"], C.SMOKE["steps"], C.SMOKE["sample_steps"])
-    assert s.workloads == ["prior_train"] and s.out == "/tmp/x.json"
+    assert s.workloads == ["prior_train"] and s.out == "/tmp/x.json" and s.warmup_steps == 0
+    assert C.parse_args(["--smoke", "--warmup_steps", "2"]).warmup_steps == 2
     s = C.parse_args(["--smoke", "--rounds", "3", "--sample_steps", "7"])
     assert (s.rounds, s.steps, s.sample_steps) == (3, C.SMOKE["steps"], 7)
     with pytest.raises(SystemExit):
         C.parse_args(["--workloads", "nope"])
     with pytest.raises(SystemExit):
         C.parse_args(["--rounds", "0"])
+    with pytest.raises(SystemExit):
+        C.parse_args(["--warmup_steps", "-1"])
+
+
+def test_worker_envs_malloc_tunables():
+    """dalle2-jax's worker starts as its CLI would (glibc malloc tunables); the peer with glibc's defaults unless
+    --peer_malloc_tunables."""
+    from dalle2_jax import runtime_env
+
+    a = C.parse_args([])
+    expect = runtime_env.malloc_env({**os.environ, "GLIBC_TUNABLES": ""}).get("GLIBC_TUNABLES", "")
+    old = os.environ.pop("GLIBC_TUNABLES", None)
+    try:
+        assert C._worker_env(a, "jax").get("GLIBC_TUNABLES", "") == expect
+        assert C._worker_env(a, "torch").get("GLIBC_TUNABLES", "") == ""
+        b = C.parse_args(["--peer_malloc_tunables"])
+        assert C._worker_env(b, "torch").get("GLIBC_TUNABLES", "") == expect
+    finally:
+        if old is not None:
+            os.environ["GLIBC_TUNABLES"] = old
 
 
 def test_sample_steps_reach_the_jax_spec():

@@ -9,8 +9,11 @@ Run from the repository root in dalle2-jax's environment. For each workload it s
 framework: dalle2-jax's in this interpreter (`--_jax_worker`), DALLE2-pytorch's in the peer environment
 (benchmarks/peer/torch_side.py). Each builds its model, compiles / warms up, and then times `--steps` calls when told
 to; the driver alternates them, ABAB... (dalle2-jax, then DALLE2-pytorch, each round; `--order abba` swaps the
-first one every round), and records the load average before and after each measurement. A round's figure is the
-median of its step times; the result is the median over rounds. Compile time and warm-up are never timed.
+first one every round), and records the load average before and after each measurement. In every round a worker
+first runs `--warmup_steps` untimed train steps (1): the first step after sitting idle while the other framework ran
+was up to 1.6x slower than the next (dalle2-jax's CLIP step, 2026-12-08: 17.7-18.1 s, then 11.3-11.6 s), which
+back-to-back training never sees. A round's figure is the median of its timed step times; the result is the median
+over rounds. Compile time and warm-up are never timed.
 
 Fairness: float32 on both sides; both workers pinned to the same `--threads` CPUs (2; sched_setaffinity when the
 machine has more), torch.set_num_threads(threads) with OMP_NUM_THREADS=threads and OMP_WAIT_POLICY=PASSIVE
@@ -101,7 +104,7 @@ WORKLOADS: dict[str, dict[str, Any]] = {
                             "sampling.num_candidates": 2}},
         peer_params=23_330_832),
 }
-SMOKE = {"rounds": 2, "steps": 1, "sample_steps": 4}
+SMOKE = {"rounds": 2, "steps": 1, "sample_steps": 4, "warmup_steps": 0}
 
 
 def jax_spec(name: str, sample_steps: int | None = None) -> dict:
@@ -255,7 +258,14 @@ def _cpu_flags() -> list[str]:
 
 
 def _worker_env(args, framework: str) -> dict:
+    """A worker's environment. dalle2-jax's gets the glibc malloc tunables its CLI runs with
+    (dalle2_jax/runtime_env.py); DALLE2-pytorch's runs with glibc's defaults, as its users run it, unless
+    --peer_malloc_tunables gives it the same."""
+    from dalle2_jax.runtime_env import malloc_env
+
     env = dict(os.environ)
+    if framework == "jax" or args.peer_malloc_tunables:
+        env = malloc_env(env)
     env["PYTHONPATH"] = REPO + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     if framework == "torch":
         env["TQDM_DISABLE"] = "1"  # DALLE2-pytorch's sampling loops draw tqdm bars
@@ -285,22 +295,25 @@ def run_workload(name: str, args, cpus: set[int] | None, log) -> dict:
         measurements = []
         order = list(workers)
         n_calls = args.steps if w["kind"] == "train" else args.sample_calls
+        n_warm = args.warmup_steps if w["kind"] == "train" else 0
         for r in range(args.rounds):
             for fw in (order[::-1] if args.order == "abba" and r % 2 else order):
                 load0 = os.getloadavg()
                 t0 = time.time()
-                workers[fw].send({"cmd": "run", "n": n_calls})
-                times = workers[fw].read()["times"]
+                workers[fw].send({"cmd": "run", "n": n_warm + n_calls})
+                warm, times = (lambda t: (t[:n_warm], t[n_warm:]))(workers[fw].read()["times"])
                 load1 = os.getloadavg()
                 measurements.append({"round": r, "framework": fw, "times": times, "median_s": statistics.median(times),
-                                     "started": t0, "loadavg_before": list(load0), "loadavg_after": list(load1)})
+                                     "warmup_times": warm, "started": t0, "loadavg_before": list(load0),
+                                     "loadavg_after": list(load1)})
                 log(f"    round {r} {fw}: {statistics.median(times):.3f} s/call "
                     f"(load {load0[0]:.2f} -> {load1[0]:.2f})")
     finally:
         for v in workers.values():
             v.close()
     out: dict[str, Any] = {"workload": name, "kind": w["kind"], "label": w["label"], "unit": w["unit"],
-                           "calls_per_round": n_calls, "rounds": args.rounds, "measurements": measurements}
+                           "calls_per_round": n_calls, "warmup_calls_per_round": n_warm, "rounds": args.rounds,
+                           "measurements": measurements}
     if w["kind"] == "sample":
         out["sample_steps"] = int(sample_steps or w["steps"])
     for fw, info in ready.items():
@@ -332,7 +345,9 @@ def markdown(result: dict) -> str:
     lines = [f"Measured {result['date']} on {m['cpu']} ({m['cpu_cores_visible']} cores visible, "
              f"{result['threads']} threads per framework), float32; "
              + ", ".join(f"{k} {v}" for k, v in result["versions"].items())
-             + f"; OMP_WAIT_POLICY={result['omp_wait_policy'] or '(torch default)'}. "
+             + f"; OMP_WAIT_POLICY={result['omp_wait_policy'] or '(torch default)'}"
+             + "".join(f"; {fw} GLIBC_TUNABLES={v or '(glibc defaults)'}"
+                       for fw, v in result.get("glibc_tunables", {}).items()) + ". "
              f"Command: `{result['command']}`." + (" **Smoke run: not a measurement.**" if result["smoke"] else ""),
              "",
              "| workload | params (dalle2-jax / DALLE2-pytorch) | dalle2-jax | DALLE2-pytorch | ratio jax/torch | "
@@ -355,7 +370,8 @@ def markdown(result: dict) -> str:
         lines.append(f"| {WORKLOADS[f['workload']]['label']} | failed: {f['error'].splitlines()[0][:100]} |")
     lines += ["", "Ratio = dalle2-jax throughput / DALLE2-pytorch throughput (for sampling: DALLE2-pytorch's seconds "
               "per image or embedding / dalle2-jax's); > 1 means dalle2-jax is faster. Each figure is the median over "
-              f"{result['rounds']} alternating rounds of the median of {result['steps']} train steps or "
+              f"{result['rounds']} alternating rounds of the median of {result['steps']} train steps"
+              + (f" (after {result['warmup_steps']} untimed)" if result.get("warmup_steps") else "") + " or "
               f"{result.get('sample_calls', 1)} sampling run(s); load average is the "
               "1-minute figure before and after each measurement (the machine has "
               f"{m['cpu_cores_visible']} cores).", ""]
@@ -367,16 +383,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
     ap.add_argument("--rounds", type=int, default=5, help="alternating rounds (each framework once a round)")
     ap.add_argument("--steps", type=int, default=2, help="timed train steps per framework per round")
+    ap.add_argument("--warmup_steps", type=int, default=1,
+                    help="untimed train steps before the timed ones in every round (recorded as warmup_times): a "
+                         "worker that sat idle while the other ran pays for it in its first step, which back-to-back "
+                         "training steps never do")
     ap.add_argument("--sample_calls", type=int, default=1, help="timed sampling runs per framework per round (each "
                     "is a whole DDIM run of the batch)")
     ap.add_argument("--sample_steps", type=int, default=None, help="override the samplers' step counts (smoke)")
     ap.add_argument("--smoke", action="store_true",
                     help=f"tiny counts to prove the harness: {SMOKE['rounds']} rounds of {SMOKE['steps']} call, "
-                    f"sampling at {SMOKE['sample_steps']} steps (unless given)")
+                    f"no warm-up, sampling at {SMOKE['sample_steps']} steps (unless given)")
     ap.add_argument("--order", choices=("abab", "abba"), default="abab",
                     help="abab: dalle2-jax then DALLE2-pytorch every round; abba: the first one swapped every round")
     ap.add_argument("--threads", type=int, default=2, help="CPU threads per framework")
     ap.add_argument("--omp_wait_policy", default="PASSIVE", help="torch's OMP_WAIT_POLICY ('' = torch's default)")
+    ap.add_argument("--peer_malloc_tunables", action="store_true",
+                    help="start DALLE2-pytorch with dalle2-jax's glibc malloc tunables too (a side check)")
     ap.add_argument("--peer_python", default=DEFAULT_PEER_PYTHON, help="python of the peer env (setup.sh)")
     ap.add_argument("--out", default=DEFAULT_OUT, help="JSON path; the markdown table goes beside it (.md)")
     ap.add_argument("--_jax_worker", default="", help=argparse.SUPPRESS)
@@ -389,6 +411,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             args.steps = SMOKE["steps"]
         if args.sample_steps is None:
             args.sample_steps = SMOKE["sample_steps"]
+        if "--warmup_steps" not in argv:
+            args.warmup_steps = SMOKE["warmup_steps"]
+    if args.warmup_steps < 0:
+        ap.error("--warmup_steps must be >= 0")
     if min(args.rounds, args.steps, args.sample_calls, args.threads) < 1:
         ap.error("--rounds, --steps, --sample_calls and --threads must be >= 1")
     return args
@@ -417,6 +443,9 @@ def main(argv: list[str] | None = None) -> None:
         "machine": {"cpu": _cpu_model(), "cpu_ids": _cpu_ids(), "cpu_flags": _cpu_flags(),
                     "cpu_cores_visible": os.cpu_count(), "pinned_cpus": sorted(cpus) if cpus else None},
         "threads": args.threads, "order": args.order, "omp_wait_policy": args.omp_wait_policy,
+        "warmup_steps": args.warmup_steps,
+        "glibc_tunables": {"dalle2-jax": _worker_env(args, "jax").get("GLIBC_TUNABLES", ""),
+                           "DALLE2-pytorch": _worker_env(args, "torch").get("GLIBC_TUNABLES", "")},
         "rounds": args.rounds, "steps": args.steps, "sample_calls": args.sample_calls,
         "dtype": "float32", "workloads": [],
         "versions": {p: md.version(p) for p in ("jax", "jaxlib", "flax")},
