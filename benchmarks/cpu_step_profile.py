@@ -7,7 +7,8 @@
 
 `steps` builds a workload of benchmarks/peer/compare.py (its dalle2-jax side: the real train step of
 benchmarks/run.py's TrainStep) and prints, per step after one warm-up step, the wall time, the minor page faults
-and the user/system CPU seconds (getrusage), then the median step and the peak RSS. `--malloc dalle2-jax` (default)
+and the user/system CPU seconds (getrusage), then the median step and the peak RSS; `--idle S` sleeps S seconds
+before each timed step (the first step after a pause). `--malloc dalle2-jax` (default)
 runs it with the glibc malloc tunables every dalle2-jax command starts with (dalle2_jax/runtime_env.py), `glibc`
 with glibc's defaults (values already in GLIBC_TUNABLES are kept in both). The process re-executes itself once to
 put them in place: glibc reads them only at start-up.
@@ -57,13 +58,15 @@ def steps(args) -> dict:
     ts.run(1)
     rows = []
     for _ in range(args.steps):
+        time.sleep(args.idle)
         r0 = resource.getrusage(resource.RUSAGE_SELF)
         wall = ts.run(1)[0]
         r1 = resource.getrusage(resource.RUSAGE_SELF)
         rows.append({"step_s": wall, "minor_faults": r1.ru_minflt - r0.ru_minflt,
                      "user_s": r1.ru_utime - r0.ru_utime, "system_s": r1.ru_stime - r0.ru_stime})
         print(json.dumps(rows[-1]), flush=True)
-    return {"workload": args.workload, "malloc": args.malloc, "GLIBC_TUNABLES": os.environ.get("GLIBC_TUNABLES", ""),
+    return {"workload": args.workload, "malloc": args.malloc, "idle_s": args.idle,
+            "GLIBC_TUNABLES": os.environ.get("GLIBC_TUNABLES", ""),
             "median_step_s": statistics.median(r["step_s"] for r in rows),
             "median_minor_faults": statistics.median(r["minor_faults"] for r in rows),
             "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
@@ -126,6 +129,7 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--workload", default="clip_train", choices=("decoder_train", "prior_train", "clip_train"))
     s.add_argument("--steps", type=int, default=3)
     s.add_argument("--malloc", choices=("dalle2-jax", "glibc"), default="dalle2-jax")
+    s.add_argument("--idle", type=float, default=0.0, help="seconds to sleep before each timed step")
     sub.add_parser("ops", help="op timings: attention vs dense dots, GELU forms")
     args = ap.parse_args(argv)
     print(json.dumps(steps(args) if args.cmd == "steps" else ops(args)), flush=True)

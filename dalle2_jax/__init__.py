@@ -40,8 +40,8 @@ def _entry_point() -> str | None:
 
 
 # A dalle2-jax command re-executes itself once, before jax is imported, with glibc malloc tunables that XLA:CPU
-# steps need (dalle2_jax/runtime_env.py: prior step 1.3x, CLIP 1.1x faster on CPU). DALLE2_JAX_MALLOC_DEFAULTS=0
-# turns this off.
+# steps want (dalle2_jax/runtime_env.py: huge pages for XLA's per-step temporaries; the prior's CPU step 1.1x
+# faster). DALLE2_JAX_MALLOC_DEFAULTS=0 turns this off.
 _ENTRY = _entry_point()
 if _ENTRY is not None:
     from dalle2_jax.runtime_env import maybe_reexec as _maybe_reexec

@@ -1,14 +1,15 @@
 """glibc malloc settings for XLA:CPU, which must be in the environment when the process starts.
 
 XLA:CPU allocates a step's temporaries (GBs for a transformer train step) and its outputs anew at every execution.
-glibc's malloc serves blocks that large with a fresh `mmap` and unmaps them on free, so each step touched every
-page of its working set anew: the CLIP train step of benchmarks/peer took 1.1 million page faults and 4-5 s of
-system time a step, the prior's 2 million and 12 s. With `glibc.malloc.mmap_max=0` the main heap serves them and,
-never trimmed (`trim_threshold`), keeps them from step to step; `glibc.malloc.hugetlb=1` backs the heap with
-transparent huge pages (fewer TLB misses, and 2 MiB faults where threads' arenas still map memory). Measured on
-the 2-core box (docs/benchmarks.md, "CPU step time"): prior step 24.0 -> 18.7 s, CLIP 14.7 -> 13.5 s, decoder
-3.4 -> 3.2 s. (Capping the arenas at one as well removed the last faults but made the decoder's step 1.5x slower:
-its threads contend for the one heap's lock.)
+glibc's malloc serves blocks that large with a fresh `mmap` and unmaps them on free, so each step touches every
+page of its working set anew: the CLIP train step of benchmarks/peer took 1.1 million page faults a step, the
+prior's 2 million (4-12 s of system time a step on the 2-core box). `glibc.malloc.hugetlb=1` backs those mappings
+with transparent huge pages (2 MiB a fault instead of 4 KiB); `mmap_max=0` and a `trim_threshold` that is never
+reached keep freed blocks in the heap for reuse where a block comes from the main heap (the worker threads' arenas
+map blocks above 64 MiB whatever mmap_max says). Measured alternated (docs/benchmarks.md, "CPU step time"): prior
+step 19.8 -> 17.9 s, CLIP within the noise, decoder 3.4 -> 3.2 s; the cost is the first step after a pause (huge
+pages faulted in after 30 s idle: CLIP 19-20 s against 11-13 s). Capping the arenas at one as well removed every
+fault but made the decoder's step 1.5x slower (its threads contend for the one heap's lock), so it is not done.
 
 glibc reads these tunables once, at start-up, so a dalle2-jax command re-executes itself with them (`maybe_reexec`,
 called from dalle2_jax/__init__.py before jax is imported when the process is `dalle2-jax ...` or `python -m

@@ -47,6 +47,8 @@ def result(small_suite):
 
 
 def test_train_figures_are_consistent(result):
+    import jax
+
     peak = result["peak"]
     assert peak["flops_per_s"] == pytest.approx(2 * 256**3 / peak["seconds"])
     (t,) = result["train"]
@@ -55,6 +57,9 @@ def test_train_figures_are_consistent(result):
     assert 0.5 < t["model_flops"] / t["xla_cost_flops"] < 1.2
     assert t["examples_per_s"] == pytest.approx(2 / t["step_s"])
     assert t["mfu"] == pytest.approx(t["model_flops"] / t["step_s"] / peak["flops_per_s"])
+    if jax.default_backend() == "cpu":  # the bfloat16 peak (bf16 operands, float32 accumulation), a second MFU
+        assert peak["bf16_flops_per_s"] > 0
+        assert t["mfu_bf16_peak"] == pytest.approx(t["model_flops"] / t["step_s"] / peak["bf16_flops_per_s"])
     assert t["step_s_min"] <= t["step_s"] <= t["step_s_max"]
     mem = t["xla_memory_bytes"]
     assert mem["arguments"] > 3 * 4 * t["params"]  # params, EMA and Adam's two moments, float32
@@ -110,6 +115,9 @@ def test_markdown(result, tmp_path, monkeypatch):
     (t,) = result["train"]
     row = next(ln for ln in text.splitlines() if ln.startswith("| prior | `configs/prior.py:tiny`"))
     assert f"{t['examples_per_s']:.1f}" in row and f"{t['mfu'] * 100:.1f}%" in row
+    if "mfu_bf16_peak" in t:
+        assert f"{t['mfu_bf16_peak'] * 100:.1f}% |" in row and "MFU (bf16 peak)" in text
+        assert f"{result['peak']['bf16_flops_per_s'] / 1e9:.1f} GFLOP/s" in text
     assert f"{result['data'][0]['examples_per_s']:.0f}" in text
     assert f"{result['cascade_seconds_per_image']:.2f} s per image" in text
     assert result["machine"]["versions"]["jax"] in text
