@@ -605,7 +605,8 @@ def markdown_section(r: dict) -> str:
         lines += [f"Peak: a {p['n']}x{p['n']} {p['dtype']} matmul at **{p['flops_per_s'] / 1e9:.1f} GFLOP/s** "
                   "(the MFU denominator)"
                   + (f"; with bfloat16 operands and float32 accumulation the same matmul runs at "
-                     f"**{p['bf16_flops_per_s'] / 1e9:.1f} GFLOP/s** (the CPU's bfloat16 peak, the second MFU column)"
+                     f"**{p['bf16_flops_per_s'] / 1e9:.1f} GFLOP/s** (the bfloat16 peak under this run's XLA flags, "
+                     "the second MFU column; docs/benchmarks.md has what the CPU flag costs it)"
                      if p.get("bf16_flops_per_s") else "") + ".", ""]
     data = {d["key"]: d for d in r.get("data", [])}
     if "train" in r:
